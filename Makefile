@@ -1,0 +1,37 @@
+# `make run`  : set up a fresh machine and run the main job on the default model.
+# `make test` : set up (with test extras) and run the whole test suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+OUT    ?= out
+
+.PHONY: setup setup-test run test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# pip keeps the llama-cpp-python wheel it builds from source in its cache: never pass --no-cache-dir.
+$(VENV)/.setup: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.setup-test: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(VENV)/.setup $@
+
+setup: $(VENV)/.setup
+
+setup-test: $(VENV)/.setup-test
+
+run: setup
+	$(VENV)/bin/ggufkit demo --out $(OUT)
+
+test: setup-test
+	$(PY) -m pytest -q
+
+bench: setup-test
+	$(PY) benchmarks/convert_speed.py
+
+clean:
+	rm -rf $(VENV) $(OUT)

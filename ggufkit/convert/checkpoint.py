@@ -1,0 +1,150 @@
+"""Opening a checkpoint: a local folder or a hub repo id, its config, and memory-mapped tensors
+across safetensors shards, read one at a time so memory tracks the largest tensor.
+
+safetensors' own numpy API copies each tensor and has no bfloat16; reading the (simple, documented)
+header ourselves lets us memory-map, convert BF16 exactly, and name the file and offset of a
+corrupt header before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ggufkit.errors import GgufkitError
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+           "I32": np.int32, "I64": np.int64, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "BOOL": np.bool_}
+
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer.model", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+             "special_tokens_map.json"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """BF16 is the upper half of an f32: widening is exact."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise GgufkitError("not a safetensors file (shorter than its 8-byte header length)", path)
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100 << 20:
+            raise GgufkitError(f"corrupt safetensors header: length {n} past the end of the {size}-byte file", path)
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GgufkitError(f"corrupt safetensors header: {exc}", path) from None
+    base = 8 + n
+    infos = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise GgufkitError(f"corrupt safetensors header entry for {name!r}", path) from None
+        if dtype not in _DTYPES:
+            raise GgufkitError(f"tensor {name!r} has unsupported dtype {dtype}", path)
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if end - begin != expected or begin < 0:
+            raise GgufkitError(f"tensor {name!r}: data offsets {begin}..{end} do not match shape {list(shape)} {dtype}", path)
+        if base + end > size:
+            raise GgufkitError(f"truncated: tensor {name!r} ends at byte {base + end}, file has {size}", path)
+        infos.append(TensorInfo(name, path, dtype, shape, base + begin, base + end))
+    return infos
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    config: dict
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a float32 (or integer) array; float tensors are widened to float32."""
+        info = self.tensors[name]
+        mm = np.memmap(info.file, dtype=_DTYPES[info.dtype], mode="r", offset=info.start, shape=info.shape)
+        if info.dtype == "BF16":
+            return bf16_to_f32(np.asarray(mm))
+        if info.dtype in ("F16", "F64"):
+            return np.asarray(mm, dtype=np.float32)
+        return mm
+
+    def source_dtype(self, name: str) -> str:
+        return self.tensors[name].dtype
+
+    def file(self, name: str) -> Path | None:
+        path = self.root / name
+        return path if path.is_file() else None
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """A local folder, or a hub repo id resolved through huggingface-hub (honours HF_HUB_OFFLINE)."""
+    path = Path(src)
+    if path.exists():
+        if not path.is_dir():
+            raise GgufkitError("expected a checkpoint folder (with config.json and *.safetensors)", path)
+        return path
+    if str(src).count("/") != 1 or str(src).startswith((".", "/")):
+        raise GgufkitError("no such folder, and not a hub repo id of the form owner/name", src)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise GgufkitError("not in the local Hugging Face cache and the hub cannot be reached "
+                           "(offline, or HF_HUB_OFFLINE=1)", src) from None
+    except Exception as exc:  # hub errors come in many classes; the message is what matters
+        raise GgufkitError(f"cannot download from the hub: {str(exc).splitlines()[0]}", src) from None
+
+
+def open_checkpoint(src) -> Checkpoint:
+    root = resolve_source(src)
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise GgufkitError("missing config.json", config_path)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GgufkitError(f"invalid JSON: {exc}", config_path) from None
+    if not isinstance(config, dict):
+        raise GgufkitError("invalid config: not a JSON object", config_path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise GgufkitError(f"invalid shard index: {exc}", index) from None
+        files = sorted({root / f for f in weight_map.values()})
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise GgufkitError("no *.safetensors weights in the checkpoint folder", root)
+    ckpt = Checkpoint(root, config)
+    for file in files:
+        if not file.is_file():
+            raise GgufkitError("shard named in model.safetensors.index.json is missing", file)
+        for info in read_safetensors_header(file):
+            ckpt.tensors[info.name] = info
+    return ckpt

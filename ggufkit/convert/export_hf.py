@@ -1,0 +1,162 @@
+"""`ggufkit export-hf`: GGUF -> Hugging Face checkpoint folder (dequantized weights with llama.cpp's
+transforms undone, config, tokenizer files, generation config)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ggufkit.convert.families import family_for_gguf_arch
+from ggufkit.convert.safetensors_out import write_safetensors
+from ggufkit.convert.tokenizer import PRE_TOKENIZERS
+from ggufkit.errors import GgufkitError
+from ggufkit.progress import bar
+
+T = gguf.TokenType
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise GgufkitError("no such file", path)
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # GGUFReader raises ValueError, struct.error, IndexError... on bad files
+        raise GgufkitError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", path) from None
+
+
+def metadata(reader: gguf.GGUFReader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _f32_repr(v):
+    """GGUF floats are float32: write their shortest decimal form, not float64 noise."""
+    return float(str(np.float32(v))) if isinstance(v, float) else v
+
+
+def _tokenizer_json(kv: dict) -> dict:
+    tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
+    pre = kv.get("tokenizer.ggml.pre", "gpt-2")
+    if pre not in PRE_TOKENIZERS:
+        raise GgufkitError(f"cannot export BPE pre-tokenizer {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": types[i] == T.CONTROL}
+             for i, t in enumerate(tokens) if types[i] in (T.CONTROL, T.USER_DEFINED)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None, "pre_tokenizer": PRE_TOKENIZERS[pre],
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(kv.get("tokenizer.ggml.merges", []))},
+    }
+
+
+def _sentencepiece_model(kv: dict) -> bytes:
+    """A SentencePiece ModelProto carrying the GGUF's pieces, scores and types."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:
+        raise GgufkitError("exporting a SentencePiece vocabulary needs the 'sentencepiece' package") from None
+    kinds = {T.NORMAL: 1, T.UNKNOWN: 2, T.CONTROL: 3, T.USER_DEFINED: 4, T.BYTE: 6, T.UNUSED: 5}
+    proto = pb.ModelProto()
+    for piece, score, typ in zip(kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.scores"], kv["tokenizer.ggml.token_type"]):
+        proto.pieces.add(piece=piece, score=score, type=kinds.get(typ, 1))
+    proto.trainer_spec.model_type = 2  # BPE, as llama.cpp's "llama" tokenizer merges by score
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    proto.trainer_spec.byte_fallback = any(t == T.BYTE for t in kv["tokenizer.ggml.token_type"])
+    proto.trainer_spec.unk_id = kv.get("tokenizer.ggml.unknown_token_id", 0)
+    proto.trainer_spec.bos_id = kv.get("tokenizer.ggml.bos_token_id", -1)
+    proto.trainer_spec.eos_id = kv.get("tokenizer.ggml.eos_token_id", -1)
+    proto.trainer_spec.pad_id = kv.get("tokenizer.ggml.padding_token_id", -1)
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def _special_ids(kv: dict) -> dict:
+    return {role: kv[f"tokenizer.ggml.{key}_token_id"] for role, key in
+            (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+            if f"tokenizer.ggml.{key}_token_id" in kv}
+
+
+def write_tokenizer(folder: Path, kv: dict) -> None:
+    tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
+    model = kv.get("tokenizer.ggml.model")
+    ids = _special_ids(kv)
+    cfg = {"model_max_length": 1 << 30,
+           "add_bos_token": bool(kv.get("tokenizer.ggml.add_bos_token", False)),
+           "add_eos_token": bool(kv.get("tokenizer.ggml.add_eos_token", False)),
+           "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                             "single_word": False, "special": types[i] == T.CONTROL}
+                                    for i, t in enumerate(tokens) if types[i] in (T.CONTROL, T.USER_DEFINED)},
+           **{f"{role}_token": tokens[i] for role, i in ids.items()}}
+    if "tokenizer.chat_template" in kv:
+        cfg["chat_template"] = kv["tokenizer.chat_template"]
+    if model == "gpt2":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (folder / "tokenizer.json").write_text(json.dumps(_tokenizer_json(kv), ensure_ascii=False))
+    elif model == "llama":
+        cfg["tokenizer_class"] = "LlamaTokenizer"
+        cfg["add_prefix_space"] = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
+        (folder / "tokenizer.model").write_bytes(_sentencepiece_model(kv))
+    else:
+        raise GgufkitError(f"cannot export tokenizer model {model!r} (supported: gpt2, llama)")
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def export_hf(src, outdir, dtype: str = "float32", force: bool = False, max_shard_bytes: int = 5 * 10**9) -> Path:
+    src, outdir = Path(src), Path(outdir)
+    if dtype not in ("float32", "bfloat16"):
+        raise GgufkitError(f"unknown --dtype {dtype!r}; choose float32 or bfloat16")
+    if outdir.exists() and any(outdir.iterdir()) and not force:
+        raise GgufkitError("output folder exists and is not empty (use --force to overwrite)", outdir)
+    reader = open_gguf(src)
+    kv = metadata(reader)
+    arch = kv.get("general.architecture")
+    fam_cls = family_for_gguf_arch(arch)
+    tensors = {t.name: t for t in reader.tensors}
+    n_vocab = len(kv["tokenizer.ggml.tokens"])
+    config = fam_cls.config_from_gguf(kv, n_vocab, tied="output.weight" not in tensors)
+    config.update({f"{role}_token_id": i for role, i in _special_ids(kv).items() if role in ("bos", "eos", "pad")})
+    config["torch_dtype"] = dtype
+    config = {k: _f32_repr(v) for k, v in config.items()}
+    fam = fam_cls(config)
+    to_gguf = {hf: fam.gguf_name(hf) for hf in fam.expected_tensors()}
+    missing = [g for g in to_gguf.values() if g not in tensors]
+    if missing:
+        raise GgufkitError(f"tensor {missing[0]} is missing ({len(missing)} missing in all)", src)
+    entries = [(hf, tuple(int(n) for n in reversed(tensors[g].shape))) for hf, g in to_gguf.items()]
+
+    pbar = bar(total=len(entries), desc="export-hf", unit="tensor")
+
+    def produce(hf_name: str) -> np.ndarray:
+        t = tensors[to_gguf[hf_name]]
+        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        x = fam.untransform(t.name, x.reshape(tuple(int(n) for n in reversed(t.shape))))
+        pbar.update(1)
+        return x if dtype == "float32" else gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16).view(np.uint16)
+
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    try:
+        with pbar:
+            write_safetensors(tmp, entries, produce, dtype, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        gen = {k: v for k, v in config.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        write_tokenizer(tmp, kv)
+        if outdir.exists():
+            shutil.rmtree(outdir)
+        tmp.rename(outdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return outdir

@@ -1,0 +1,122 @@
+"""`ggufkit convert`: checkpoint -> GGUF in one streaming pass (read, transform, encode, write one
+tensor at a time), so peak memory tracks the largest tensor, not the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ggufkit.convert.checkpoint import Checkpoint, open_checkpoint
+from ggufkit.convert.families import Family, family_for
+from ggufkit.convert.tokenizer import load_vocab
+from ggufkit.convert.writer import atomic_gguf, declare, refuse_overwrite
+from ggufkit.errors import GgufkitError
+from ggufkit.kquants import encode
+from ggufkit.progress import bar
+
+Q = gguf.GGMLQuantizationType
+OUT_TYPES = {"F32": (Q.F32, gguf.LlamaFileType.ALL_F32), "F16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+             "BF16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "Q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+
+
+@dataclass
+class PlannedTensor:
+    gguf_name: str
+    hf_name: str | None  # None for tensors computed from the config (rope_freqs)
+    shape: tuple[int, ...]  # numpy order (rows..., cols)
+    qtype: gguf.GGMLQuantizationType
+    data: np.ndarray | None = None  # only for computed tensors
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], want: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """llama.cpp's rules: vectors and norms stay F32; a row that does not fit the block falls back to F16."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return Q.F32
+    block = gguf.GGML_QUANT_SIZES[want][0]
+    return want if shape[-1] % block == 0 else Q.F16
+
+
+def plan(ckpt: Checkpoint, fam: Family, want: gguf.GGMLQuantizationType, n_vocab: int) -> list[PlannedTensor]:
+    """Match the checkpoint against the config: every tensor present, with the shape it implies."""
+    cfg_path = ckpt.root / "config.json"
+    expected = fam.expected_tensors()
+    unknown = [n for n in ckpt.tensors if n not in expected and not fam.ignored(n)]
+    if unknown:
+        raise GgufkitError(f"unexpected tensor {unknown[0]!r} for {fam.hf_architecture()} "
+                           f"({len(unknown)} unexpected in all)", ckpt.tensors[unknown[0]].file)
+    out = []
+    for hf_name, shape in expected.items():
+        info = ckpt.tensors.get(hf_name)
+        if info is None:
+            raise GgufkitError(f"tensor {hf_name!r} is missing from the checkpoint", ckpt.root)
+        if info.shape != shape:
+            raise GgufkitError(f"tensor {hf_name!r} has shape {list(info.shape)}, config implies {list(shape)}",
+                               info.file)
+        name = fam.gguf_name(hf_name)
+        if name is None:
+            raise GgufkitError(f"cannot map tensor {hf_name!r} to a GGUF name", cfg_path)
+        if name == "token_embd.weight" and shape[0] > n_vocab:  # padding rows past the tokenizer
+            shape = (n_vocab, *shape[1:])
+        out.append(PlannedTensor(name, hf_name, shape, tensor_type(name, shape, want)))
+    for name, data in fam.extra_tensors():
+        out.append(PlannedTensor(name, None, data.shape, Q.F32, data))
+    return out
+
+
+def _load(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: bool) -> np.ndarray:
+    if t.hf_name is None:
+        return t.data
+    x = ckpt.get(t.hf_name)[: t.shape[0]]
+    if not allow_nonfinite and not np.isfinite(x).all():
+        raise GgufkitError(f"tensor {t.hf_name!r} contains NaN or Inf (use --allow-nonfinite to convert anyway)",
+                           ckpt.tensors[t.hf_name].file)
+    return fam.transform(t.hf_name, np.asarray(x, dtype=np.float32))
+
+
+def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, fam: Family, file_type: int) -> None:
+    """general.* from the model card and config (gguf's heuristics), then the family's hyper-parameters.
+    Call after the tensors are declared: the size label counts their parameters."""
+    total, shared, expert, n_expert = w.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, ckpt.root, None, total)
+    if meta.name is None:
+        meta.name = ckpt.root.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+    fam.write_hparams(w)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinite: bool = False,
+            split_max_size: int = 0) -> Path:
+    out = Path(out)
+    if out_type.upper() not in OUT_TYPES:
+        raise GgufkitError(f"unknown --type {out_type!r}; choose from {', '.join(OUT_TYPES)}")
+    want, file_type = OUT_TYPES[out_type.upper()]
+    refuse_overwrite(out, force)
+    ckpt = open_checkpoint(src)
+    fam = family_for(ckpt.config, ckpt.root / "config.json")
+    vocab = load_vocab(ckpt.root, fam.config["vocab_size"])
+    tensors = plan(ckpt, fam, want, len(vocab.tokens))
+    total_bytes = 0
+    with atomic_gguf(out, fam.arch_name(), split_max_size) as w:
+        for t in tensors:
+            declare(w, t.gguf_name, t.shape, t.qtype)
+        write_metadata(w, ckpt, fam, file_type)
+        vocab.add_to_gguf(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with bar(total=len(tensors), desc="convert", unit="tensor") as pbar:
+            for t in tensors:
+                data = encode(_load(ckpt, fam, t, allow_nonfinite), t.qtype)
+                w.write_tensor_data(data)
+                total_bytes += data.nbytes
+                pbar.set_postfix_str(f"{total_bytes / 1e6:.0f} MB")
+                pbar.update(1)
+    return out

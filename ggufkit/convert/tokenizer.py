@@ -1,0 +1,185 @@
+"""Tokenizers -> GGUF keys: BPE vocabularies from tokenizer.json (pre-tokenizer identified from its own
+definition), SentencePiece from tokenizer.model; special tokens, add_bos/add_eos and the chat
+template through gguf's SpecialVocab."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from ggufkit.errors import GgufkitError
+
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split_then_bytes(regex: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {**_BYTE_LEVEL, "use_regex": False}]}
+
+
+# llama.cpp pre-tokenizer name -> the Hugging Face pre_tokenizer that splits text the same way.
+# One table serves both directions: identifying a checkpoint's tokenizer, and export-hf.
+PRE_TOKENIZERS: dict[str, dict] = {
+    "gpt-2": _BYTE_LEVEL,
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+    "llama-bpe": _split_then_bytes(_LLAMA3_REGEX),
+    "qwen2": _split_then_bytes(_QWEN2_REGEX),
+}
+
+
+def _signature(pre: dict | None):
+    """What decides the split: step types, regexes and digit handling (not offsets bookkeeping)."""
+    if pre is None:
+        return None
+    if pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers", [])
+        if len(steps) == 1:
+            return _signature(steps[0])
+        return ("Sequence", tuple(_signature(p) for p in steps))
+    kind = pre.get("type")
+    if kind == "ByteLevel":
+        return (kind, bool(pre.get("add_prefix_space")), pre.get("use_regex", True))
+    if kind == "Split":
+        return (kind, json.dumps(pre.get("pattern"), sort_keys=True), pre.get("behavior"), pre.get("invert", False))
+    if kind == "Digits":
+        return (kind, pre.get("individual_digits", False))
+    return (kind, json.dumps(pre, sort_keys=True))
+
+
+def identify_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
+    sig = _signature(tokenizer_json.get("pre_tokenizer"))
+    for name, definition in PRE_TOKENIZERS.items():
+        if _signature(definition) == sig:
+            return name
+    raise GgufkitError("unknown BPE pre-tokenizer (not one of: " + ", ".join(PRE_TOKENIZERS) + "): "
+                       + json.dumps(tokenizer_json.get("pre_tokenizer"))[:200], path)
+
+
+def _looks_special(text: str) -> bool:
+    # Some tokenizers leave control tokens unmarked; these spellings are control tokens everywhere.
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+@dataclass
+class Vocab:
+    model: str  # "gpt2" (BPE) or "llama" (SentencePiece)
+    pre: str | None
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None
+    add_space_prefix: bool | None = None
+    special: gguf.SpecialVocab | None = field(default=None, repr=False)
+
+    def add_to_gguf(self, w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model(self.model)
+        if self.pre is not None:
+            w.add_tokenizer_pre(self.pre)
+        w.add_token_list(self.tokens)
+        if self.scores is not None:
+            w.add_token_scores(self.scores)
+        w.add_token_types(self.types)
+        if self.add_space_prefix is not None:
+            w.add_add_space_prefix(self.add_space_prefix)
+        if self.special is not None:
+            self.special.add_to_gguf(w, quiet=True)
+
+
+def load_bpe(root: Path, vocab_size: int) -> Vocab:
+    path = root / "tokenizer.json"
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+        model = tj["model"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+        raise GgufkitError(f"invalid tokenizer.json: {exc}", path) from None
+    if model.get("type") != "BPE":
+        raise GgufkitError(f"unknown tokenizer model type {model.get('type')!r} (expected BPE)", path)
+    pre = identify_pre_tokenizer(tj, path)
+    by_id = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    if by_id and max(by_id) >= vocab_size:
+        raise GgufkitError(f"token id {max(by_id)} is past the config's vocab_size {vocab_size}", path)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(text)
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") or _looks_special(text)
+                         else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(text)
+            types.append(gguf.TokenType.NORMAL)
+    special = gguf.SpecialVocab(root, load_merges=True, n_vocab=vocab_size)
+    return Vocab("gpt2", pre, tokens, types, special=special)
+
+
+def load_sentencepiece(root: Path, vocab_size: int) -> Vocab:
+    path = root / "tokenizer.model"
+    try:
+        from sentencepiece import SentencePieceProcessor
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:
+        raise GgufkitError("reading tokenizer.model needs the 'sentencepiece' package "
+                           "(pip install sentencepiece)", path) from None
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+        sp = SentencePieceProcessor(model_file=str(path))
+    except Exception as exc:  # protobuf and sentencepiece raise assorted types for a bad file
+        raise GgufkitError(f"invalid SentencePiece model: {exc}", path) from None
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        if i >= sp.vocab_size():
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+                     else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
+                     else gguf.TokenType.NORMAL)
+    _apply_added_tokens(root, tokens, scores, types)
+    special = gguf.SpecialVocab(root, n_vocab=vocab_size)
+    return Vocab("llama", "default", tokens, types, scores=scores,
+                 add_space_prefix=proto.normalizer_spec.add_dummy_prefix, special=special)
+
+
+def _apply_added_tokens(root: Path, tokens: list, scores: list, types: list) -> None:
+    """added_tokens_decoder in tokenizer_config.json overrides pieces (e.g. Gemma's control tokens)."""
+    cfg = root / "tokenizer_config.json"
+    if not cfg.is_file():
+        return
+    decoder = json.loads(cfg.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+    for sid, entry in decoder.items():
+        i = int(sid)
+        if i >= len(tokens):
+            continue
+        text = entry["content"]
+        tokens[i] = text
+        scores[i] = -1000.0
+        if entry.get("special") or _looks_special(text):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            tokens[i] = text.replace("\u2581", " ")
+            types[i] = gguf.TokenType.USER_DEFINED
+
+
+def load_vocab(root: Path, vocab_size: int) -> Vocab:
+    if (root / "tokenizer.model").is_file():
+        return load_sentencepiece(root, vocab_size)
+    if (root / "tokenizer.json").is_file():
+        return load_bpe(root, vocab_size)
+    raise GgufkitError("no tokenizer: neither tokenizer.model nor tokenizer.json", root)

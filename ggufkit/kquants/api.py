@@ -1,0 +1,85 @@
+"""The public `quantize` / `dequantize`: validation, chunking, dispatch to one quantizer per type."""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as _gguf_dequantize
+
+from ggufkit.kquants.registry import QUANTIZERS
+
+# Rows handed to a quantizer at once: bounds the temporaries of the vectorized searches
+# (a few dozen float32 copies of the chunk) to tens of MB.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def qtype_of(qtype) -> GGMLQuantizationType:
+    if isinstance(qtype, GGMLQuantizationType):
+        return qtype
+    try:
+        return GGMLQuantizationType[str(qtype).upper()]
+    except KeyError:
+        raise ValueError(f"unknown quantization type {qtype!r}") from None
+
+
+def _load_type_modules() -> None:
+    # Importing a type module registers its quantizers.
+    from ggufkit.kquants import legacy, k_quants, iq4  # noqa: F401
+
+
+def supported_types() -> list[GGMLQuantizationType]:
+    _load_type_modules()
+    return sorted(QUANTIZERS, key=lambda t: t.name)
+
+
+def quantize(weights, qtype, imatrix=None) -> np.ndarray:
+    """Quantize a float32 (rows, cols) matrix to the bytes a GGUF stores, (rows, bytes_per_row)."""
+    qt = qtype_of(qtype)
+    _load_type_modules()
+    if qt not in QUANTIZERS:
+        raise ValueError(f"no quantizer for {qt.name}")
+    x = np.asarray(weights, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"weights must be 2-D (rows, cols), got shape {x.shape}")
+    block, type_size = GGML_QUANT_SIZES[qt]
+    rows, cols = x.shape
+    if cols % block:
+        raise ValueError(f"{qt.name}: row length {cols} is not a multiple of the block size {block}")
+    if imatrix is not None:
+        imatrix = np.asarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (cols,):
+            raise ValueError(f"imatrix must have shape ({cols},), got {imatrix.shape}")
+        if not np.all(np.isfinite(imatrix)):
+            raise ValueError("imatrix contains NaN or Inf")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("weights contain NaN or Inf")
+    out = np.empty((rows, cols // block * type_size), dtype=np.uint8)
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    fn = QUANTIZERS[qt]
+    for start in range(0, rows, step):
+        out[start:start + step] = fn(np.ascontiguousarray(x[start:start + step]), imatrix)
+    return out
+
+
+def dequantize(data, qtype) -> np.ndarray:
+    """Bytes as stored in a GGUF, (rows, bytes_per_row) uint8 -> float32 (rows, cols)."""
+    qt = qtype_of(qtype)
+    return _gguf_dequantize(np.asarray(data, dtype=np.uint8), qt).astype(np.float32, copy=False)
+
+
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def encode(x: np.ndarray, qtype, imatrix=None) -> np.ndarray:
+    """Any tensor (..., cols) -> the uint8 bytes a GGUF stores for `qtype`: float types through gguf's
+    converters (exact ggml rounding), block types through our quantizers."""
+    qt = qtype_of(qtype)
+    if qt in FLOAT_TYPES:
+        from gguf.quants import quantize as _gguf_quantize
+
+        return np.ascontiguousarray(_gguf_quantize(np.asarray(x, dtype=np.float32), qt)).view(np.uint8)
+    shape = x.shape
+    q = quantize(np.asarray(x, dtype=np.float32).reshape(-1, shape[-1]), qt, imatrix)
+    return q.reshape(*shape[:-1], q.shape[-1])

@@ -1,0 +1,1 @@
+"""Placeholder until the iq4 quantizers land."""

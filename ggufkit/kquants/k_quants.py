@@ -1,0 +1,1 @@
+"""Placeholder until the k_quants quantizers land."""

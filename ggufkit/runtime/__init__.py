@@ -1,0 +1,1 @@
+"""Running and measuring GGUF files through llama-cpp-python."""

@@ -1,0 +1,5 @@
+"""CLI commands owned by runtime."""
+
+
+def register(sub) -> None:
+    pass

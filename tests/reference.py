@@ -1,0 +1,96 @@
+"""llama.cpp as the reference we test and race against (never ggufkit's production path):
+ggml's C quantizer through ctypes, the sdist's vendored llama.cpp source, and its tools."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from ggufkit.models import cache_dir
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+SDIST = "llama_cpp_python-0.3.36"
+
+
+@functools.lru_cache(maxsize=None)
+def ggml_lib() -> ctypes.CDLL:
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return lib
+
+
+def ggml_quantize(x: np.ndarray, qtype, imatrix: np.ndarray | None = None, start_row: int = 0,
+                  nrows: int | None = None) -> np.ndarray:
+    """ggml_quantize_chunk over rows [start_row, start_row + nrows) of x; returns (nrows, row_bytes)."""
+    from gguf import GGML_QUANT_SIZES
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    nrows = rows - start_row if nrows is None else nrows
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    out = np.zeros((nrows, cols // block * type_size), dtype=np.uint8)
+    src = x[start_row:start_row + nrows]
+    imat = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    # start=0 on a sub-array: ggml's `start` only offsets src/dst by whole rows.
+    ggml_lib().ggml_quantize_chunk(int(qtype), src.ctypes.data, out.ctypes.data, 0, nrows, cols,
+                                   None if imat is None else imat.ctypes.data)
+    return out
+
+
+def llama_cpp_source() -> Path:
+    """The sdist's vendored llama.cpp tree (fetched once with pip download, unpacked in the cache)."""
+    root = cache_dir() / "src"
+    tree = root / SDIST / "vendor" / "llama.cpp"
+    if tree.exists():
+        return tree
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                    "-d", str(root), LLAMA_CPP_PYTHON], check=True)
+    with tarfile.open(root / f"{SDIST}.tar.gz") as tf:
+        tf.extractall(root, filter="data") if sys.version_info >= (3, 12) else tf.extractall(root)
+    return tree
+
+
+def llama_tools(*names: str) -> list[Path]:
+    """Paths of llama.cpp tools (llama-perplexity, llama-bench, ...), built once with cmake.
+
+    Missing targets are built in one cmake call: configuring and compiling the shared libraries
+    dominates, so building tools one by one would repeat minutes of work."""
+    src = llama_cpp_source()
+    build = cache_dir() / "llama.cpp-build"
+    exes = [build / "bin" / name for name in names]
+    missing = [exe.name for exe in exes if not exe.exists()]
+    if missing:
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *missing],
+                       check=True, stdout=subprocess.DEVNULL)
+    return exes
+
+
+def llama_tool(name: str) -> Path:
+    """Path of one llama.cpp tool (llama-perplexity, llama-quantize, ...), built once with cmake."""
+    return llama_tools(name)[0]
+
+
+def hf_to_gguf(model_dir: Path, outfile: Path, outtype: str) -> Path:
+    """Run llama.cpp's own convert_hf_to_gguf.py (needs torch and transformers, test-only)."""
+    script = llama_cpp_source() / "convert_hf_to_gguf.py"
+    subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(outfile),
+                    "--outtype", outtype], check=True, capture_output=True)
+    return outfile

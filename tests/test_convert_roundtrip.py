@@ -1,0 +1,61 @@
+"""SmolLM2 GGUF -> export-hf -> convert --type F32 gives back the original model exactly."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+
+
+def test_export_hf_writes_a_checkpoint(smollm2_hf):
+    names = {p.name for p in smollm2_hf.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= names
+    cfg = json.loads((smollm2_hf / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 3
+    tok_cfg = json.loads((smollm2_hf / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tok_cfg["chat_template"]
+
+
+def test_f32_roundtrip_dequantizes_to_the_same_values(smollm2_gguf, smollm2_f32):
+    orig = {t.name: t for t in gguf.GGUFReader(smollm2_gguf).tensors}
+    ours = {t.name: t for t in gguf.GGUFReader(smollm2_f32).tensors}
+    assert set(orig) == set(ours)
+    for name, t in orig.items():
+        want = gguf.quants.dequantize(t.data, t.tensor_type)
+        got = ours[name]
+        assert got.tensor_type == gguf.GGMLQuantizationType.F32, name
+        np.testing.assert_array_equal(np.asarray(got.data), want, err_msg=name)
+
+
+def test_roundtrip_keeps_the_tokenizer_metadata(smollm2_gguf, smollm2_f32):
+    a, b = gguf.GGUFReader(smollm2_gguf), gguf.GGUFReader(smollm2_f32)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.chat_template", "llama.rope.freq_base", "llama.attention.head_count_kv"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_the_corpus_identically(smollm2_gguf, smollm2_f32, corpus):
+    from llama_cpp import Llama
+
+    text = (corpus / "emma.txt").read_bytes()
+    ids = [Llama(str(p), vocab_only=True, verbose=False).tokenize(text, add_bos=True, special=False)
+           for p in (smollm2_gguf, smollm2_f32)]
+    assert len(ids[0]) > 100_000
+    assert ids[0] == ids[1]
+
+
+@pytest.mark.slow
+def test_exported_tokenizer_json_tokenizes_like_llama_cpp(smollm2_gguf, smollm2_hf, corpus):
+    tokenizers = pytest.importorskip("tokenizers")
+    from llama_cpp import Llama
+
+    text = (corpus / "emma.txt").read_text(encoding="utf-8")[:200_000]
+    hf = tokenizers.Tokenizer.from_file(str(smollm2_hf / "tokenizer.json"))
+    ours = hf.encode(text, add_special_tokens=False).ids
+    ref = Llama(str(smollm2_gguf), vocab_only=True, verbose=False).tokenize(text.encode(), add_bos=False, special=False)
+    assert ours == ref
