@@ -31,7 +31,7 @@ test: setup-test
 	$(PY) -m pytest -q
 
 bench: setup-test
-	$(PY) benchmarks/convert_speed.py
+	$(PY) -m benchmarks.convert_speed
 
 clean:
 	rm -rf $(VENV) $(OUT)

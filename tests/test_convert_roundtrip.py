@@ -59,3 +59,25 @@ def test_exported_tokenizer_json_tokenizes_like_llama_cpp(smollm2_gguf, smollm2_
     ours = hf.encode(text, add_special_tokens=False).ids
     ref = Llama(str(smollm2_gguf), vocab_only=True, verbose=False).tokenize(text.encode(), add_bos=False, special=False)
     assert ours == ref
+
+
+def test_split_max_size_writes_llama_gguf_split_shards(smollm2_hf, smollm2_f32, tmp_path):
+    from llama_cpp import Llama
+
+    from ggufkit.convert.pipeline import convert
+
+    first = convert(smollm2_hf, tmp_path / "smol.gguf", out_type="F32", split_max_size=200 * 10**6)
+    shards = sorted(tmp_path.glob("smol-*-of-*.gguf"))
+    assert first == shards[0] and [p.name for p in shards] == [f"smol-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    readers = [gguf.GGUFReader(p) for p in shards]
+    assert [r.fields["split.no"].contents() for r in readers] == [0, 1, 2]
+    assert all(r.fields["split.count"].contents() == 3 for r in readers)
+    whole = {t.name: t.data.tobytes() for t in gguf.GGUFReader(smollm2_f32).tensors}
+    parts = {t.name: t.data.tobytes() for r in readers for t in r.tensors}
+    assert parts == whole
+    logits = []
+    for path in (first, smollm2_f32):  # llama.cpp follows the shards itself
+        llm = Llama(str(path), n_ctx=64, verbose=False, n_threads=2)
+        llm.eval([1, 504, 3458])
+        logits.append(np.array(llm.scores[2]))
+    np.testing.assert_array_equal(logits[0], logits[1])

@@ -4,6 +4,7 @@ transforms undone, config, tokenizer files, generation config)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -147,6 +148,9 @@ def export_hf(src, outdir, dtype: str = "float32", force: bool = False, max_shar
 
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the checkpoint folder's mode
     try:
         with pbar:
             write_safetensors(tmp, entries, produce, dtype, max_shard_bytes)

@@ -12,7 +12,7 @@ import numpy as np
 from ggufkit.convert.checkpoint import Checkpoint, open_checkpoint
 from ggufkit.convert.families import Family, family_for
 from ggufkit.convert.tokenizer import load_vocab
-from ggufkit.convert.writer import atomic_gguf, declare, refuse_overwrite
+from ggufkit.convert.writer import atomic_gguf, declare, refuse_overwrite, write_tensor_chunks
 from ggufkit.errors import GgufkitError
 from ggufkit.kquants import encode
 from ggufkit.progress import bar
@@ -66,14 +66,23 @@ def plan(ckpt: Checkpoint, fam: Family, want: gguf.GGMLQuantizationType, n_vocab
     return out
 
 
-def _load(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: bool) -> np.ndarray:
+# Large tensors are read, transformed and encoded in row chunks of about this many float32 bytes.
+CHUNK_BYTES = 64 << 20
+
+
+def _chunks(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: bool):
+    """The tensor's transformed float32 rows, a chunk at a time."""
     if t.hf_name is None:
-        return t.data
-    x = ckpt.get(t.hf_name)[: t.shape[0]]
-    if not allow_nonfinite and not np.isfinite(x).all():
-        raise GgufkitError(f"tensor {t.hf_name!r} contains NaN or Inf (use --allow-nonfinite to convert anyway)",
-                           ckpt.tensors[t.hf_name].file)
-    return fam.transform(t.hf_name, np.asarray(x, dtype=np.float32))
+        yield t.data
+        return
+    rows, row_bytes = t.shape[0], 4 * int(np.prod(t.shape[1:]))
+    step = max(1, CHUNK_BYTES // row_bytes) if fam.row_local(t.hf_name) else rows
+    for start in range(0, rows, step):
+        x = ckpt.get_rows(t.hf_name, start, min(rows, start + step))
+        if not allow_nonfinite and not np.isfinite(x).all():
+            raise GgufkitError(f"tensor {t.hf_name!r} contains NaN or Inf (use --allow-nonfinite to convert anyway)",
+                               ckpt.tensors[t.hf_name].file)
+        yield fam.transform(t.hf_name, x)
 
 
 def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, fam: Family, file_type: int) -> None:
@@ -114,9 +123,8 @@ def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinit
         w.write_ti_data_to_file()
         with bar(total=len(tensors), desc="convert", unit="tensor") as pbar:
             for t in tensors:
-                data = encode(_load(ckpt, fam, t, allow_nonfinite), t.qtype)
-                w.write_tensor_data(data)
-                total_bytes += data.nbytes
+                chunks = (encode(x, t.qtype) for x in _chunks(ckpt, fam, t, allow_nonfinite))
+                total_bytes += write_tensor_chunks(w, chunks)
                 pbar.set_postfix_str(f"{total_bytes / 1e6:.0f} MB")
                 pbar.update(1)
-    return out
+    return w.produced[0]

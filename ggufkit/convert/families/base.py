@@ -134,6 +134,10 @@ class Family:
     def transform(self, hf_name: str, x: np.ndarray) -> np.ndarray:
         return x
 
+    def row_local(self, hf_name: str) -> bool:
+        """Whether `transform` works on any block of rows (so big tensors can be streamed in chunks)."""
+        return True
+
     def untransform(self, gguf_name: str, x: np.ndarray) -> np.ndarray:
         """The inverse of `transform`, for export-hf."""
         return x

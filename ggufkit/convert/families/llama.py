@@ -59,6 +59,9 @@ class Llama(Family):
         n = self._heads_for(hf_name)
         return x if n is None else permute_qk(x, n)
 
+    def row_local(self, hf_name: str) -> bool:
+        return self._heads_for(hf_name) is None
+
     def untransform(self, gguf_name: str, x: np.ndarray) -> np.ndarray:
         n = self._heads_for(gguf_name)
         return x if n is None else unpermute_qk(x, n)

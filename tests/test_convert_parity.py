@@ -1,0 +1,54 @@
+"""Parity with llama.cpp's own convert_hf_to_gguf.py on real checkpoints (exported with export-hf):
+the same metadata and byte-identical tensors for every output type."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+
+from tests.reference import hf_to_gguf
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+TYPES = ["F32", "F16", "BF16"]
+# Provenance that legitimately differs between runs and tools.
+IGNORED_KEYS = ("general.quantized_by", "general.source", "general.uuid")
+
+
+@pytest.fixture(scope="module")
+def gemma3_hf(gemma3_gguf, tmp_path_factory):
+    from ggufkit.convert.export_hf import export_hf
+
+    return export_hf(gemma3_gguf, tmp_path_factory.mktemp("hf") / "gemma-3-270m")
+
+
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+def checkpoint(request):
+    return request.getfixturevalue(f"{request.param}_hf")
+
+
+def _kv(reader: gguf.GGUFReader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items()
+            if not k.startswith("GGUF.") and not k.startswith(IGNORED_KEYS)}
+
+
+@pytest.mark.parametrize("out_type", TYPES)
+def test_same_metadata_and_tensor_bytes_as_llama_cpp(checkpoint, out_type, tmp_path):
+    from ggufkit.convert.pipeline import convert
+
+    ours = gguf.GGUFReader(convert(checkpoint, tmp_path / "ours.gguf", out_type=out_type))
+    ref = gguf.GGUFReader(hf_to_gguf(checkpoint, tmp_path / "ref.gguf", out_type.lower()))
+    kv_ours, kv_ref = _kv(ours), _kv(ref)
+    assert kv_ours.keys() == kv_ref.keys()
+    for key, value in kv_ref.items():
+        assert kv_ours[key] == value, key
+    t_ours = {t.name: t for t in ours.tensors}
+    assert [t.name for t in ref.tensors if t.name not in t_ours] == []
+    assert len(t_ours) == len(ref.tensors)
+    for t in ref.tensors:
+        mine = t_ours[t.name]
+        assert mine.tensor_type == t.tensor_type, t.name
+        assert list(mine.shape) == list(t.shape), t.name
+        assert mine.data.tobytes() == t.data.tobytes(), t.name
