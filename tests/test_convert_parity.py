@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow
-TYPES = ["F32", "F16", "BF16"]
+TYPES = ["F32", "F16", "BF16", "Q8_0"]
 # Provenance that legitimately differs between runs and tools.
 IGNORED_KEYS = ("general.quantized_by", "general.source", "general.uuid")
 

@@ -8,9 +8,10 @@ from gguf.quants import dequantize as _gguf_dequantize
 
 from ggufkit.kquants.registry import QUANTIZERS
 
-# Rows handed to a quantizer at once: bounds the temporaries of the vectorized searches
-# (a few dozen float32 copies of the chunk) to tens of MB.
-CHUNK_ELEMENTS = 1 << 20
+# Rows handed to a quantizer at once: bounds the temporaries of the vectorized searches (a few
+# dozen float32 copies of the chunk). 2^18 elements (1 MiB per copy) keeps them cache-resident:
+# measured 1.6-1.8x faster than 2^20 on the imatrix searches, and faster than 2^17 or 2^16.
+CHUNK_ELEMENTS = 1 << 18
 
 
 def qtype_of(qtype) -> GGMLQuantizationType:
@@ -58,8 +59,11 @@ def quantize(weights, qtype, imatrix=None) -> np.ndarray:
     out = np.empty((rows, cols // block * type_size), dtype=np.uint8)
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     fn = QUANTIZERS[qt]
-    for start in range(0, rows, step):
-        out[start:start + step] = fn(np.ascontiguousarray(x[start:start + step]), imatrix)
+    # Quantizers reproduce ggml's float semantics, inf and NaN intermediates included (huge or
+    # subnormal weights): those are results to match, not errors to report.
+    with np.errstate(all="ignore"):
+        for start in range(0, rows, step):
+            out[start:start + step] = fn(np.ascontiguousarray(x[start:start + step]), imatrix)
     return out
 
 

@@ -1,0 +1,102 @@
+"""Our quantizers against ggml's C, in the same run: `python -m benchmarks.kquants_speed [--types ...]`.
+
+For every registered type, without and with an imatrix, on a 4096x4096 Gaussian matrix and on a real
+weight matrix (Gemma 3 270M blk.0.ffn_down, 640x2048, dequantized from its GGUF). ggml runs with one
+thread per core over row chunks (ctypes releases the GIL); ours runs as the library does (one
+thread). Times are the best of --repeat runs. `identical` is the fraction of rows whose bytes match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import gguf
+import numpy as np
+from gguf.quants import dequantize
+
+from ggufkit.kquants import qtype_of, quantize, supported_types
+from ggufkit.models import GEMMA3, fetch
+from ggufkit.runtime.header import read_header
+from tests.reference import ggml_lib, ggml_quantize
+
+REAL = (GEMMA3, "blk.0.ffn_down.weight")
+
+
+def real_matrix(model, name: str, rows: int | None = None) -> np.ndarray:
+    """The first `rows` rows of a model tensor, dequantized to float32 (rows, row_length). Reads the
+    tensor table with our fast header parser: gguf.GGUFReader takes ~30 s on Gemma's vocabulary."""
+    path = fetch(model)
+    header = read_header(path)
+    info = next(t for t in header.tensors if t.name == name)
+    block, type_size = gguf.GGML_QUANT_SIZES[info.type]
+    n_rows = info.n_elements // info.shape[0]
+    data = np.memmap(path, np.uint8, "r", offset=header.data_offset + info.offset,
+                     shape=(n_rows, info.shape[0] // block * type_size))
+    return dequantize(np.array(data[:rows]), info.type).astype(np.float32)
+
+
+def ggml_threaded(x: np.ndarray, qtype, imatrix, pool: ThreadPoolExecutor, threads: int) -> np.ndarray:
+    bounds = np.linspace(0, x.shape[0], threads + 1).astype(int)
+    parts = pool.map(lambda se: ggml_quantize(x, qtype, imatrix, se[0], se[1] - se[0]),
+                     zip(bounds[:-1], bounds[1:]))
+    return np.concatenate(list(parts))
+
+
+def best_time(fn, repeat: int):
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), result
+
+
+def run(types, repeat: int, show: bool) -> list[dict]:
+    rng = np.random.default_rng(0)
+    datasets = {"gauss4096": rng.standard_normal((4096, 4096), dtype=np.float32),
+                "gemma3.ffn_down": real_matrix(*REAL)}
+    threads = os.cpu_count() or 1
+    rows = []
+    with ThreadPoolExecutor(threads) as pool:
+        for qt in types:
+            for data_name, x in datasets.items():
+                imatrix = rng.exponential(size=x.shape[1]).astype(np.float32)
+                for imat in (None, imatrix):
+                    if imat is None and ggml_lib().ggml_quantize_requires_imatrix(int(qt)):
+                        continue
+                    t_ours, ours = best_time(lambda: quantize(x, qt, imat), repeat)
+                    t_ggml, ref = best_time(lambda: ggml_threaded(x, qt, imat, pool, threads), repeat)
+                    rows.append({"type": qt.name, "data": data_name, "imatrix": imat is not None,
+                                 "ours_s": t_ours, "ggml_s": t_ggml, "ratio": t_ours / t_ggml,
+                                 "identical": float((ours == ref).all(axis=1).mean()),
+                                 "ggml_threads": threads})
+                    if show:
+                        print_row(rows[-1])
+    return rows
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['type']:8} {r['data']:16} {'yes' if r['imatrix'] else 'no':7} {r['ours_s']:9.3f} "
+          f"{r['ggml_s']:9.3f} {r['ratio']:7.2f} {r['identical']:10.4f}", flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--types", nargs="+", help="type names (default: every registered type)")
+    p.add_argument("--repeat", type=int, default=2, help="runs per measurement, best kept (default 2)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON only")
+    args = p.parse_args(argv)
+    types = [qtype_of(t) for t in args.types] if args.types else supported_types()
+    if not args.json:
+        print(f"{'type':8} {'data':16} {'imatrix':7} {'ours_s':>9} {'ggml_s':>9} {'ratio':>7} {'identical':>10}")
+    rows = run(types, args.repeat, show=not args.json)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Weights that already sit on a block grid (fake-quant QAT exports, or a GGUF exported back to a
+checkpoint): find, per 32-element block, the fp16 scale (and min) and integer codes that reproduce the
+values, and write exactly those bytes instead of re-running a scale search.
+
+A block fits when every value equals what ggml's dequantizer computes from the candidate codes,
+up to float rounding of the source dtype. Candidates come from the block's extreme value: for a
+symmetric grid x = d*c (c in [lo, hi]), the extreme is d*k for some code k, so d = fp16(x_ext / k)
+(and its fp16 neighbours, which absorb the rounding of the original scale); for an affine grid
+x = d*c + m, m is the block minimum (code 0) and x_max - m = d*k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+
+from ggufkit.kquants.legacy import assemble, pack_high_bits, pack_nibbles
+from ggufkit.kquants.search import signed_absmax
+
+Q = gguf.GGMLQuantizationType
+QK = 32
+# Blocks checked before committing to a whole tensor: a float tensor off the grid fails here, cheaply.
+SAMPLE_BLOCKS = 512
+
+
+@dataclass(frozen=True)
+class Grid:
+    lo: int  # smallest code, as the dequantizer sees it (after subtracting the zero point)
+    hi: int
+    affine: bool  # x = d*c + m (codes from 0) rather than x = d*c
+    ks: tuple[int, ...]  # codes the block's extreme may carry, most likely first (ggml's own choice)
+    positive_scale: bool = False  # ggml keeps d > 0 (Q8_0: d = amax/127); else d = max/-nmax may be negative
+
+
+GRIDS = {
+    Q.Q4_0: Grid(-8, 7, False, (-8, 7, -7, *range(-6, 0), *range(1, 7))),
+    Q.Q5_0: Grid(-16, 15, False, (-16, 15, -15, *range(-14, 0), *range(1, 15))),
+    # ggml's and the usual int8 exports' scale is amax/127; allowing other extreme codes would also
+    # match coarser grids (a Q5_0 block is a Q8_0 block with d/8), which re-scales rather than preserves.
+    Q.Q8_0: Grid(-127, 127, False, (127,), positive_scale=True),
+    Q.Q4_1: Grid(0, 15, True, tuple(range(15, 0, -1))),
+    Q.Q5_1: Grid(0, 31, True, tuple(range(31, 0, -1))),
+}
+
+
+def _fp16_neighbours(d: np.ndarray) -> list[np.ndarray]:
+    """d rounded to fp16 and the fp16 values either side of it, as float32."""
+    h = d.astype(np.float16)
+    bits = h.view(np.uint16)
+    return [h.astype(np.float32), (bits + 1).view(np.float16).astype(np.float32),
+            (bits - 1).view(np.float16).astype(np.float32)]
+
+
+def _tolerance(b: np.ndarray, source_dtype: str) -> np.ndarray:
+    """Float rounding of the source: a BF16 or F16 checkpoint stores the grid values rounded."""
+    rel = {"BF16": 2.0**-8, "F16": 2.0**-11}.get(source_dtype, 2.0**-23)
+    return np.float32(rel) * np.abs(b).max(axis=1, keepdims=True)
+
+
+def _try(b, d, m, grid, tol):
+    """Codes for candidate (d, m) and whether they reproduce every value of each block."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.rint((b - m[:, None]) / d[:, None]) if grid.affine else np.rint(b / d[:, None])
+    c = np.nan_to_num(c, nan=0.0)
+    recon = (d[:, None] * c + m[:, None]) if grid.affine else d[:, None] * c
+    ok = (np.abs(recon - b) <= tol).all(axis=1) & (c >= grid.lo).all(axis=1) & (c <= grid.hi).all(axis=1)
+    return ok & np.isfinite(d), c, np.abs(recon - b).max(axis=1)
+
+
+def fit_blocks(b: np.ndarray, qtype, source_dtype: str = "F32"):
+    """(n, 32) float32 blocks -> (fits (n,), d, m, codes, max error) with the first fitting candidate."""
+    grid = GRIDS[qtype]
+    n = len(b)
+    tol = _tolerance(b, source_dtype)
+    fits = np.zeros(n, bool)
+    d_out, m_out = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    c_out, err = np.zeros(b.shape, np.float32), np.zeros(n, np.float32)
+    if grid.affine:
+        m = b.min(axis=1).astype(np.float16).astype(np.float32)
+        ext = b.max(axis=1) - m
+    else:
+        m = np.zeros(n, np.float32)
+        ext = signed_absmax(b)[1 if grid.positive_scale else 0]
+    flat = ext == 0  # all-equal (or all-zero) blocks: d = 0, every code at the zero point
+    for k in grid.ks:
+        for d in _fp16_neighbours(np.where(flat, np.float32(0), ext / np.float32(k))):
+            todo = ~fits
+            if not todo.any():
+                break
+            ok, c, e = _try(b[todo], d[todo], m[todo], grid, tol[todo])
+            idx = np.flatnonzero(todo)[ok]
+            fits[idx], d_out[idx], m_out[idx], c_out[idx], err[idx] = True, d[todo][ok], m[todo][ok], c[ok], e[ok]
+    return fits, d_out, m_out, c_out, err
+
+
+def _pack(rows: np.ndarray, qtype, d, m, c) -> np.ndarray:
+    grid = GRIDS[qtype]
+    q = (c - grid.lo).astype(np.uint8) if not grid.affine else c.astype(np.uint8)
+    dh, mh = d.astype(np.float16).view("<u2"), m.astype(np.float16).view("<u2")
+    if qtype == Q.Q8_0:
+        return assemble(rows, dh, c.astype(np.int8).view(np.uint8))
+    if qtype == Q.Q4_0:
+        return assemble(rows, dh, pack_nibbles(q))
+    if qtype == Q.Q5_0:
+        return assemble(rows, dh, pack_high_bits(q), pack_nibbles(q))
+    if qtype == Q.Q4_1:
+        return assemble(rows, dh, mh, pack_nibbles(q))
+    return assemble(rows, dh, mh, pack_high_bits(q), pack_nibbles(q))
+
+
+@dataclass
+class GridFit:
+    data: np.ndarray  # the GGUF bytes, (rows, bytes_per_row)
+    max_error: float  # largest |dequantized - source|, within the source's float rounding
+
+
+def fit_grid(x: np.ndarray, qtype, source_dtype: str = "F32") -> GridFit | None:
+    """Exact bytes for a float (rows, cols) tensor already on `qtype`'s grid, or None if any block is off it."""
+    if x.shape[-1] % QK:
+        return None
+    b = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK)
+    if not fit_blocks(b[:SAMPLE_BLOCKS], qtype, source_dtype)[0].all():
+        return None
+    fits, d, m, c, err = fit_blocks(b, qtype, source_dtype)
+    if not fits.all():
+        return None
+    return GridFit(_pack(x.reshape(x.shape[0], -1), qtype, d, m, c), float(err.max(initial=0)))
+
+
+def grid_fraction(x: np.ndarray, qtype, source_dtype: str = "F32") -> float:
+    """Share of a tensor's blocks on the grid (for reports on tensors that are not exact)."""
+    if x.shape[-1] % QK:
+        return 0.0
+    return float(fit_blocks(np.asarray(x, np.float32).reshape(-1, QK), qtype, source_dtype)[0].mean())

@@ -1,0 +1,156 @@
+"""Fast, strict reading of a GGUF header: metadata and tensor table, never the tensor data.
+
+llama.cpp crashes or floods stderr on a bad file, and gguf.GGUFReader takes seconds on a large
+vocabulary and cannot tell a truncated file from a corrupt one, so every runtime command checks
+the file here first and turns each problem into one GgufkitError line."""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from ggufkit.errors import GgufkitError
+
+MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+
+_SCALAR = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    type: GGMLQuantizationType
+    offset: int  # relative to the start of the data section
+    n_elements: int
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """Metadata arrays (vocabularies, merges) are only counted: nothing here needs their values."""
+    type: GGUFValueType
+    length: int
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    path: Path
+    version: int
+    metadata: dict
+    tensors: list[TensorInfo]
+    data_offset: int
+    file_size: int
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Cursor:
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise _Truncated
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.take(self.unpack("<Q")).decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        self.take(self.unpack("<Q"))
+
+
+def _value(cur: _Cursor, vtype: int):
+    vtype = GGUFValueType(vtype)
+    if vtype == GGUFValueType.STRING:
+        return cur.string()
+    if vtype == GGUFValueType.ARRAY:
+        etype, length = GGUFValueType(cur.unpack("<I")), cur.unpack("<Q")
+        if etype == GGUFValueType.STRING:
+            for _ in range(length):
+                cur.skip_string()
+        elif etype == GGUFValueType.ARRAY:
+            raise ValueError("nested metadata arrays are not supported")
+        else:
+            cur.take(length * struct.calcsize(_SCALAR[etype]))
+        return ArrayInfo(etype, length)
+    return cur.unpack(_SCALAR[vtype])
+
+
+def _tensor(cur: _Cursor) -> TensorInfo:
+    name = cur.string()
+    shape = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
+    qtype = GGMLQuantizationType(cur.unpack("<I"))
+    offset = cur.unpack("<Q")
+    n_elements = 1
+    for d in shape:
+        n_elements *= d
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if n_elements % block:
+        raise ValueError(f"tensor {name}: {n_elements} elements is not a multiple of the {qtype.name} block")
+    return TensorInfo(name, shape, qtype, offset, n_elements, n_elements // block * type_size)
+
+
+def _parse(buf, path: Path, size: int) -> GgufHeader:
+    cur = _Cursor(buf)
+    if cur.take(4) != MAGIC:
+        raise GgufkitError("not a GGUF file (bad magic)", path)
+    version = cur.unpack("<I")
+    if version not in SUPPORTED_VERSIONS:
+        raise GgufkitError(f"unsupported GGUF version {version} (supported: 2, 3)", path)
+    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = _value(cur, cur.unpack("<I"))
+    tensors = [_tensor(cur) for _ in range(n_tensors)]
+    align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_offset = -(-cur.pos // align) * align
+    return GgufHeader(path, version, metadata, tensors, data_offset, size)
+
+
+def read_header(path) -> GgufHeader:
+    """Parse and validate `path`; raises GgufkitError (one line) if llama.cpp could not load it."""
+    path = Path(path)
+    if not path.exists():
+        raise GgufkitError("no such file", path)
+    if not path.is_file():
+        raise GgufkitError("not a regular file", path)
+    size = path.stat().st_size
+    if size < 4:
+        raise GgufkitError(f"not a GGUF file ({size} bytes)", path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            header = _parse(buf, path, size)
+        except _Truncated:
+            raise GgufkitError(f"truncated GGUF: the header runs past the end of the file ({size} bytes)",
+                               path) from None
+        except (ValueError, UnicodeDecodeError, struct.error) as exc:  # unknown enum values, bad sizes
+            raise GgufkitError(f"corrupt GGUF header: {exc}", path) from None
+    needed = header.data_offset + max((t.offset + t.n_bytes for t in header.tensors), default=0)
+    if needed > size:
+        raise GgufkitError(f"truncated GGUF: {size} bytes, but its tensors need {needed}", path)
+    return header
