@@ -27,12 +27,12 @@ CONFIGS = {
 }
 
 
-def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: str = "float32") -> Path:
+def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
     import torch
     import transformers
 
     cfg_cls, model_cls, extra = CONFIGS[family]
-    config = getattr(transformers, cfg_cls)(**{**_COMMON, **extra})
+    config = getattr(transformers, cfg_cls)(**{**_COMMON, **extra, **overrides})
     config.architectures = [model_cls]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ggufkit.convert.packed import FORMATS, packed_format
 from ggufkit.errors import GgufkitError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
@@ -79,10 +80,28 @@ class Checkpoint:
     root: Path
     config: dict
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    # Packed integer layers (GPTQ/AWQ/...): weight name -> (dequantizer, its component tensors).
+    packed: dict[str, tuple] = field(default_factory=dict)
+    _cache: tuple = (None, None)  # the last dequantized packed layer, read in row chunks
+
+    def _read(self, info: TensorInfo) -> np.ndarray:
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            return np.fromfile(f, dtype=_DTYPES[info.dtype], count=int(np.prod(info.shape))).reshape(info.shape)
+
+    def _dequantized(self, name: str) -> np.ndarray:
+        if self._cache[0] != name:
+            fn, parts = self.packed[name]
+            comps = {k: self._read(i) for k, i in parts.items()}
+            comps = {k: bf16_to_f32(v) if parts[k].dtype == "BF16" else v for k, v in comps.items()}
+            self._cache = (name, fn(comps))
+        return self._cache[1]
 
     def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32, read with plain file I/O: unlike a memory map, nothing of the
         file stays resident once the chunk is processed."""
+        if name in self.packed:
+            return self._dequantized(name)[start:stop]
         info = self.tensors[name]
         dtype = np.dtype(_DTYPES[info.dtype])
         row = int(np.prod(info.shape[1:], dtype=np.int64))
@@ -145,4 +164,23 @@ def open_checkpoint(src) -> Checkpoint:
             raise GgufkitError("shard named in model.safetensors.index.json is missing", file)
         for info in read_safetensors_header(file):
             ckpt.tensors[info.name] = info
+    if (fmt := packed_format(config, config_path)) is not None:
+        _gather_packed(ckpt, *fmt)
     return ckpt
+
+
+def _gather_packed(ckpt: Checkpoint, method: str, bits: int) -> None:
+    """Replace each packed layer's component tensors by one virtual float32 `<prefix>weight`."""
+    suffixes, dequant = FORMATS[method]
+    for name in [n for n in ckpt.tensors if n.endswith("." + suffixes[0])]:
+        prefix = name[: -len(suffixes[0])]
+        parts = {s: ckpt.tensors.pop(prefix + s) for s in suffixes if prefix + s in ckpt.tensors}
+        first = parts[suffixes[0]]
+        if method == "compressed-tensors":
+            shape = tuple(int(v) for v in ckpt._read(parts["weight_shape"]))
+        elif method == "gptq":
+            shape = (first.shape[1], first.shape[0] * 32 // bits)
+        else:
+            shape = (first.shape[1] * 32 // bits, first.shape[0])
+        ckpt.tensors[prefix + "weight"] = TensorInfo(prefix + "weight", first.file, "F32", shape, 0, 0)
+        ckpt.packed[prefix + "weight"] = (lambda t, fn=dequant: fn(t, bits), parts)
