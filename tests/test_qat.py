@@ -98,11 +98,11 @@ def test_smollm2_q4_1_export_converts_back_byte_identical(smollm2_gguf, smollm2_
     out = convert(smollm2_hf, tmp_path / "q41.gguf", out_type="Q4_1", report=report)
     orig = {t.name: t for t in gguf.GGUFReader(smollm2_gguf).tensors}
     ours = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    q41 = [n for n, t in orig.items() if t.tensor_type == Q.Q4_1]
-    assert len(q41) == 210
-    for name in q41:
-        assert ours[name].tensor_type == Q.Q4_1 and ours[name].data.tobytes() == orig[name].data.tobytes(), name
-    assert sum(r.exact for r in report) >= 210
+    assert sum(t.tensor_type == Q.Q4_1 for t in orig.values()) == 210
+    # llama-quantize's Q4_1 mixture made token_embd (tied to the output) Q8_0: so does ours, exactly
+    for name, t in orig.items():
+        assert ours[name].tensor_type == t.tensor_type and ours[name].data.tobytes() == t.data.tobytes(), name
+    assert all(r.exact for r in report) and len(report) == 211
 
 
 @pytest.mark.slow

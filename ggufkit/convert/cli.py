@@ -9,19 +9,34 @@ from ggufkit.convert.writer import parse_size
 
 
 def cmd_convert(args) -> int:
-    from ggufkit.convert.pipeline import convert
+    from ggufkit.convert.calibrated import convert_calibrated
+    from ggufkit.convert.pipeline import MIXTURE_TYPES, convert
+    from ggufkit.errors import GgufkitError
+    from ggufkit.runtime.inspect import type_table
 
     report = []
-    out = convert(args.src, args.output, out_type=args.type, force=args.force,
-                  allow_nonfinite=args.allow_nonfinite,
+    kwargs = dict(force=args.force, allow_nonfinite=args.allow_nonfinite,
                   split_max_size=parse_size(args.split_max_size) if args.split_max_size else 0,
-                  qat=args.qat == "auto", report=report)
+                  qat=args.qat == "auto", report=report, allow_missing=args.allow_missing)
+    if args.calibration is not None and args.imatrix is not None:
+        raise GgufkitError("give --imatrix or --calibration, not both")
+    if args.calibration is not None:
+        out = convert_calibrated(args.src, args.output, args.type, args.calibration, ctx=args.calibration_ctx,
+                                 chunks=args.calibration_chunks, n_gpu_layers=args.n_gpu_layers,
+                                 threads=args.threads, **kwargs)
+    else:
+        if args.type in MIXTURE_TYPES and args.imatrix is None:
+            print(f"ggufkit: quantizing to {args.type} without an importance matrix "
+                  "(--calibration [TEXT...] or --imatrix FILE give better quality)", file=sys.stderr)
+        out = convert(args.src, args.output, out_type=args.type, imatrix=args.imatrix, **kwargs)
     if report:
         exact = sum(r.exact for r in report)
         print(f"--qat: {exact}/{len(report)} tensors on the grid, written exactly", file=sys.stderr)
         for r in report:
             status = "exact" if r.exact else "not on the grid, quantized"
             print(f"  {r.name:40s} {r.qtype:5s} {status:27s} max error {r.max_error:.3g}", file=sys.stderr)
+    if args.type in MIXTURE_TYPES and not args.split_max_size:
+        print(type_table(out), file=sys.stderr)
     print(out)
     return 0
 
@@ -34,6 +49,8 @@ def cmd_export_hf(args) -> int:
 
 
 def register(sub) -> None:
+    from ggufkit.convert.pipeline import OUT_TYPES
+
     p = sub.add_parser(
         "convert", help="Hugging Face safetensors checkpoint -> GGUF",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -41,15 +58,34 @@ def register(sub) -> None:
         "safetensors in F32/F16/BF16) to a GGUF file in one streaming pass.\n"
         "Supported: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, Gemma 3 (text).\n"
         "Norms and vectors stay F32; rows that do not fit a 32-block fall back to F16, as in llama.cpp.\n"
+        "F32/F16/BF16/Q8_0 give every matrix that type, as llama.cpp's convert_hf_to_gguf.py does.\n"
+        "The other types are llama-quantize's mixtures (Q4_K_M, Q5_K_S, Q4_1, ...), with its per-tensor\n"
+        "rules, quantized in the same pass; --calibration measures an importance matrix on a text first\n"
+        "(through llama.cpp, on a lossless temporary GGUF), --imatrix takes one from a file.\n"
         "Quantization-aware-trained exports already on a Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 grid are carried over\n"
         "exactly (--qat auto), with a per-tensor report on stderr.",
-        epilog="example: ggufkit convert ./SmolLM2-135M-Instruct -o smollm2-f16.gguf --type F16")
+        epilog="examples:\n"
+        "  ggufkit convert ./SmolLM2-135M-Instruct -o smollm2-f16.gguf --type F16\n"
+        "  ggufkit convert ./SmolLM2-135M-Instruct -o smollm2-q4_k_m.gguf --type Q4_K_M --calibration\n"
+        "  ggufkit convert ./SmolLM2-135M-Instruct -o smollm2-q4_k_m.gguf --type Q4_K_M --calibration my.txt")
     p.add_argument("src", help="checkpoint folder, or hub repo id (uses the local cache; honours HF_HUB_OFFLINE)")
     p.add_argument("-o", "--output", required=True, help="output .gguf path (written atomically)")
     p.add_argument("--type", default="F16", type=str.upper,
-                   choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "AUTO"],
-                   help="tensor type for the weight matrices (default: F16); AUTO picks the smallest block "
-                   "type whose grid holds the checkpoint exactly (QAT / fake-quant exports), else F16/BF16")
+                   choices=OUT_TYPES, metavar="TYPE",
+                   help=f"one of {', '.join(OUT_TYPES)} (default: F16); AUTO picks per tensor the smallest block "
+                   "type whose grid holds it exactly (QAT / fake-quant exports), else F16/BF16")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix for a mixture type (GGUF from "
+                   "`ggufkit imatrix` or llama-imatrix, or a legacy .dat)")
+    p.add_argument("--calibration", nargs="*", metavar="TEXT", help="measure the importance matrix on these "
+                   "text files first; with no file, on the shipped calibration text (Pride and Prejudice ch. 1-9)")
+    p.add_argument("--calibration-ctx", type=int, default=512, metavar="N",
+                   help="tokens per calibration window (default: 512, as llama-imatrix)")
+    p.add_argument("--calibration-chunks", type=int, metavar="N", help="use at most N windows of the text")
+    p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
+                   help="layers offloaded while measuring the imatrix (-1: all)")
+    p.add_argument("-t", "--threads", type=int, metavar="N", help="threads for the calibration run (default: all cores)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="quantize tensors the imatrix has no entry for without one, instead of failing")
     p.add_argument("--qat", default="auto", choices=["auto", "off"],
                    help="with a block type: write tensors whose every block already lies on the type's grid "
                    "with exactly those codes and scales (auto, default), or always re-quantize (off)")

@@ -3,6 +3,7 @@ tensor at a time), so peak memory tracks the largest tensor, not the model."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +18,24 @@ from ggufkit.convert.writer import atomic_gguf, declare, refuse_overwrite, write
 from ggufkit.errors import GgufkitError
 from ggufkit.convert.prequantized import GRIDS, fit_grid
 from ggufkit.kquants import dequantize, encode
+from ggufkit.kquants.api import FLOAT_TYPES
+from ggufkit.kquants.imatrix import add_provenance, read_imatrix, weights_for
+from ggufkit.kquants.mixtures import MIXTURES, ModelInfo, TensorMeta, choose_types, requires_imatrix
 from ggufkit.progress import bar
 
 Q = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
-OUT_TYPES = {"F32": (Q.F32, F.ALL_F32), "F16": (Q.F16, F.MOSTLY_F16), "BF16": (Q.BF16, F.MOSTLY_BF16),
-             "Q8_0": (Q.Q8_0, F.MOSTLY_Q8_0), "Q4_0": (Q.Q4_0, F.MOSTLY_Q4_0), "Q4_1": (Q.Q4_1, F.MOSTLY_Q4_1),
-             "Q5_0": (Q.Q5_0, F.MOSTLY_Q5_0), "Q5_1": (Q.Q5_1, F.MOSTLY_Q5_1)}
+# --type values of two kinds. convert_hf_to_gguf's output types: every matrix gets the type (rows that
+# do not fit its block fall back to F16), as llama.cpp's converter writes them.
+CONVERTER_TYPES = {"F32": (Q.F32, F.ALL_F32), "F16": (Q.F16, F.MOSTLY_F16), "BF16": (Q.BF16, F.MOSTLY_BF16),
+                   "Q8_0": (Q.Q8_0, F.MOSTLY_Q8_0)}
+# llama-quantize's mixtures (Q4_K_M, Q4_1, ...): per-tensor types by its rules, as if quantizing our F32 file.
+MIXTURE_TYPES = tuple(m for m in MIXTURES if m not in CONVERTER_TYPES)
+OUT_TYPES = (*CONVERTER_TYPES, *MIXTURE_TYPES, "AUTO")
 # --type auto: per tensor, the smallest of these whose grid holds it exactly, else 16-bit floats.
-AUTO_ORDER = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+AUTO_ORDER = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
+AUTO_FILE_TYPES = {Q.Q4_0: F.MOSTLY_Q4_0, Q.Q4_1: F.MOSTLY_Q4_1, Q.Q5_0: F.MOSTLY_Q5_0, Q.Q5_1: F.MOSTLY_Q5_1,
+                   Q.Q8_0: F.MOSTLY_Q8_0, Q.F16: F.MOSTLY_F16, Q.BF16: F.MOSTLY_BF16}
 
 
 @dataclass
@@ -54,9 +64,12 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], want: gguf.GGMLQuantizat
     return want if shape[-1] % block == 0 else Q.F16
 
 
-def plan(ckpt: Checkpoint, fam: Family, want: gguf.GGMLQuantizationType | None, n_vocab: int) -> list[PlannedTensor]:
-    """Match the checkpoint against the config: every tensor present, with the shape it implies.
-    `want` None picks each matrix's type from its values (--type auto)."""
+def plan(ckpt: Checkpoint, fam: Family, out_type: str, n_vocab: int, has_imatrix: bool = False,
+         qat: bool = False) -> list[PlannedTensor]:
+    """Match the checkpoint against the config (every tensor present, with the shape it implies)
+    and give each tensor its type for `out_type` (one of OUT_TYPES). With `qat`, a mixture keeps a
+    tensor whose values sit on its base type's grid (Q4_0 for Q4_0) in that type, where the rules
+    would pick another type that cannot hold it exactly (a Q4_0-trained token_embd stays Q4_0, not Q6_K)."""
     cfg_path = ckpt.root / "config.json"
     expected = fam.expected_tensors()
     unknown = [n for n in ckpt.tensors if n not in expected and not fam.ignored(n)]
@@ -76,11 +89,35 @@ def plan(ckpt: Checkpoint, fam: Family, want: gguf.GGMLQuantizationType | None, 
             raise GgufkitError(f"cannot map tensor {hf_name!r} to a GGUF name", cfg_path)
         if name == "token_embd.weight" and shape[0] > n_vocab:  # padding rows past the tokenizer
             shape = (n_vocab, *shape[1:])
-        qtype = tensor_type(name, shape, want if want is not None else auto_tensor_type(ckpt, fam, hf_name))
+        if out_type == "AUTO":
+            qtype = tensor_type(name, shape, auto_tensor_type(ckpt, fam, hf_name))
+        else:
+            qtype = tensor_type(name, shape, CONVERTER_TYPES.get(out_type, (Q.F32,))[0])
         out.append(PlannedTensor(name, hf_name, shape, qtype))
     for name, data in fam.extra_tensors():
         out.append(PlannedTensor(name, None, data.shape, Q.F32, data))
+    if out_type in MIXTURE_TYPES:
+        metas = [TensorMeta(t.gguf_name, tuple(reversed(t.shape)), t.qtype) for t in out]
+        types = choose_types(metas, model_info(fam), out_type, has_imatrix=has_imatrix)
+        base = MIXTURES[out_type][1]
+        for t in out:
+            t.qtype = types[t.gguf_name]
+            if qat and t.qtype not in FLOAT_TYPES and t.qtype != base and base in GRIDS and t.hf_name is not None:
+                x, dtype = _sample(ckpt, fam, t.hf_name)
+                if (t.qtype not in GRIDS or fit_grid(x, t.qtype, dtype) is None) and fit_grid(x, base, dtype) is not None:
+                    t.qtype = base
+            if requires_imatrix(t.gguf_name, t.qtype, out_type) and not has_imatrix:
+                raise GgufkitError(f"{out_type} needs an importance matrix for {t.gguf_name} "
+                                   "(give --imatrix or --calibration)", cfg_path)
     return out
+
+
+def model_info(fam: Family) -> ModelInfo:
+    """The hyper-parameters llama.cpp's mixture rules look at."""
+    c = fam.config
+    n_head = c["num_attention_heads"]
+    return ModelInfo(fam.arch_name(), fam.n_layer, n_head, c.get("num_key_value_heads") or n_head,
+                     c.get("num_local_experts") or c.get("num_experts") or 0)
 
 
 # Large tensors are read, transformed and encoded in row chunks of about this many float32 bytes.
@@ -119,28 +156,40 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, fam: Family, file_type:
 
 
 def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinite: bool = False,
-            split_max_size: int = 0, qat: bool = True, report: list | None = None) -> Path:
-    """Convert a checkpoint; with a block type and `qat`, tensors already on its grid keep their exact
-    codes (one GridReport per such tensor is appended to `report`)."""
+            split_max_size: int = 0, qat: bool = True, report: list | None = None, imatrix=None,
+            allow_missing: bool = False) -> Path:
+    """Convert a checkpoint to `out_type` (see OUT_TYPES). With a block type and `qat`, tensors already
+    on its grid keep their exact codes (one GridReport per such tensor is appended to `report`).
+    `imatrix`: a path, or an `Imatrix` (then recorded as measured by convert --calibration)."""
     out = Path(out)
     out_type = out_type.upper()
-    if out_type not in OUT_TYPES and out_type != "AUTO":
-        raise GgufkitError(f"unknown --type {out_type!r}; choose from {', '.join(OUT_TYPES)}, AUTO")
+    if out_type not in OUT_TYPES:
+        raise GgufkitError(f"unknown --type {out_type!r}; choose from {', '.join(OUT_TYPES)}")
+    if imatrix is not None and out_type not in MIXTURE_TYPES:
+        raise GgufkitError(f"an importance matrix applies to llama.cpp's mixtures ({', '.join(MIXTURE_TYPES)}), "
+                           f"not to --type {out_type}")
     refuse_overwrite(out, force)
     report = [] if report is None else report
+    imat = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     ckpt = open_checkpoint(src)
     fam = family_for(ckpt.config, ckpt.root / "config.json")
-    want, file_type = OUT_TYPES.get(out_type, (None, None))
     vocab = load_vocab(ckpt.root, fam.config["vocab_size"])
-    tensors = plan(ckpt, fam, want, len(vocab.tokens))
-    if want is None:  # AUTO: the file type names the most common tensor type
-        counts = Counter(t.qtype for t in tensors if t.qtype != Q.F32)
-        file_type = next(f for _, (q, f) in OUT_TYPES.items() if q == counts.most_common(1)[0][0])
+    tensors = plan(ckpt, fam, out_type, len(vocab.tokens), has_imatrix=imat is not None, qat=qat)
+    weights = {}
+    if imat is not None:
+        quantized = {t.gguf_name: tuple(reversed(t.shape)) for t in tensors if t.qtype not in FLOAT_TYPES}
+        weights, without = weights_for(imat, quantized, imatrix if isinstance(imatrix, (str, Path)) else src,
+                                       allow_missing)
+        if without:
+            print(f"ggufkit: {len(without)} tensors quantized without importance data (--allow-missing): "
+                  f"{', '.join(without[:5])}{' ...' if len(without) > 5 else ''}", file=sys.stderr)
     total_bytes = 0
     with atomic_gguf(out, fam.arch_name(), split_max_size) as w:
         for t in tensors:
             declare(w, t.gguf_name, t.shape, t.qtype)
-        write_metadata(w, ckpt, fam, file_type)
+        write_metadata(w, ckpt, fam, _file_type(out_type, tensors))
+        if imat is not None:
+            add_provenance(w, imat, imatrix if isinstance(imatrix, (str, Path)) else CALIBRATED)
         vocab.add_to_gguf(w)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -148,18 +197,33 @@ def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinit
         with bar(total=len(tensors), desc="convert", unit="tensor") as pbar:
             for t in tensors:
                 chunks = lambda t=t: _chunks(ckpt, fam, t, allow_nonfinite)  # noqa: E731
+                imat_t = weights.get(t.gguf_name)
                 if qat and t.qtype in GRIDS and t.hf_name is not None:
-                    data, row = _grid_or_quantize(chunks, t, ckpt.tensors[t.hf_name].dtype)
+                    data, row = _grid_or_quantize(chunks, t, ckpt.tensors[t.hf_name].dtype, imat_t)
                     report.append(row)
                 else:
-                    data = (encode(x, t.qtype) for x in chunks())
+                    data = (encode(x, t.qtype, imat_t) for x in chunks())
                 total_bytes += write_tensor_chunks(w, data)
                 pbar.set_postfix_str(f"{total_bytes / 1e6:.0f} MB")
                 pbar.update(1)
     return w.produced[0]
 
 
-def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str):
+# quantize.imatrix.file of a model whose imatrix convert measured itself
+CALIBRATED = "ggufkit convert --calibration"
+
+
+def _file_type(out_type: str, tensors: list[PlannedTensor]) -> int:
+    if out_type in CONVERTER_TYPES:
+        return CONVERTER_TYPES[out_type][1]
+    if out_type in MIXTURE_TYPES:
+        return MIXTURES[out_type][0]
+    # AUTO: the file type names the most common matrix type
+    counts = Counter(t.qtype for t in tensors if t.qtype != Q.F32)
+    return AUTO_FILE_TYPES[counts.most_common(1)[0][0]]
+
+
+def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, imatrix: np.ndarray | None):
     """Exact grid codes when every block of the tensor fits, else ggml-style quantization; both
     with the tensor's max error against the checkpoint."""
     fitted = []
@@ -176,98 +240,28 @@ def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str):
 
     def quantized():
         for x in chunks():
-            q = encode(x, t.qtype)
+            q = encode(x, t.qtype, imatrix)
             errors.append(float(np.abs(dequantize(q.reshape(x.shape[0], -1), t.qtype) - x.reshape(x.shape[0], -1)).max()))
             yield q
     data = list(quantized())
     return data, GridReport(t.gguf_name, t.qtype.name, False, max(errors, default=0.0))
+
+
+def _sample(ckpt: Checkpoint, fam: Family, hf_name: str) -> tuple[np.ndarray, str]:
+    """The first rows of a tensor as GGUF stores them, and the checkpoint's dtype: enough to tell a
+    tensor on a grid from one that is not. Where the transform mixes rows (q/k heads) the tensor is
+    small: read whole."""
+    info = ckpt.tensors[hf_name]
+    rows = min(64, info.shape[0]) if fam.row_local(hf_name) else info.shape[0]
+    return fam.transform(hf_name, ckpt.get_rows(hf_name, 0, rows)), info.dtype
 
 
 def auto_tensor_type(ckpt: Checkpoint, fam: Family, hf_name: str) -> gguf.GGMLQuantizationType:
     """The smallest block type whose grid holds a sample of the tensor exactly, else 16-bit floats."""
-    info = ckpt.tensors[hf_name]
-    # A few rows suffice, except where the transform mixes rows (q/k heads): those are small, read whole.
-    rows = min(64, info.shape[0]) if fam.row_local(hf_name) else info.shape[0]
-    x = fam.transform(hf_name, ckpt.get_rows(hf_name, 0, rows))
-    for name in AUTO_ORDER:
-        if fit_grid(x, OUT_TYPES[name][0], info.dtype) is not None:
-            return OUT_TYPES[name][0]
-    return Q.BF16 if info.dtype == "BF16" else Q.F16
+    x, dtype = _sample(ckpt, fam, hf_name)
+    for qtype in AUTO_ORDER:
+        if fit_grid(x, qtype, dtype) is not None:
+            return qtype
+    return Q.BF16 if dtype == "BF16" else Q.F16
 
 
-def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinite: bool = False,
-            split_max_size: int = 0, qat: bool = True, report: list | None = None) -> Path:
-    """Convert a checkpoint; with a block type and `qat`, tensors already on its grid keep their exact
-    codes (one GridReport per such tensor is appended to `report`)."""
-    out = Path(out)
-    out_type = out_type.upper()
-    if out_type not in OUT_TYPES and out_type != "AUTO":
-        raise GgufkitError(f"unknown --type {out_type!r}; choose from {', '.join(OUT_TYPES)}, AUTO")
-    refuse_overwrite(out, force)
-    report = [] if report is None else report
-    ckpt = open_checkpoint(src)
-    fam = family_for(ckpt.config, ckpt.root / "config.json")
-    want, file_type = OUT_TYPES.get(out_type, (None, None))
-    vocab = load_vocab(ckpt.root, fam.config["vocab_size"])
-    tensors = plan(ckpt, fam, want, len(vocab.tokens))
-    if want is None:  # AUTO: the file type names the most common tensor type
-        counts = Counter(t.qtype for t in tensors if t.qtype != Q.F32)
-        file_type = next(f for _, (q, f) in OUT_TYPES.items() if q == counts.most_common(1)[0][0])
-    total_bytes = 0
-    with atomic_gguf(out, fam.arch_name(), split_max_size) as w:
-        for t in tensors:
-            declare(w, t.gguf_name, t.shape, t.qtype)
-        write_metadata(w, ckpt, fam, file_type)
-        vocab.add_to_gguf(w)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        with bar(total=len(tensors), desc="convert", unit="tensor") as pbar:
-            for t in tensors:
-                chunks = lambda t=t: _chunks(ckpt, fam, t, allow_nonfinite)  # noqa: E731
-                if qat and t.qtype in GRIDS and t.hf_name is not None:
-                    data, row = _grid_or_quantize(chunks, t, ckpt.tensors[t.hf_name].dtype)
-                    report.append(row)
-                else:
-                    data = (encode(x, t.qtype) for x in chunks())
-                total_bytes += write_tensor_chunks(w, data)
-                pbar.set_postfix_str(f"{total_bytes / 1e6:.0f} MB")
-                pbar.update(1)
-    return w.produced[0]
-
-
-def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str):
-    """Exact grid codes when every block of the tensor fits, else ggml-style quantization; both
-    with the tensor's max error against the checkpoint."""
-    fitted = []
-    for x in chunks():
-        fit = fit_grid(x, t.qtype, source_dtype)
-        if fit is None:
-            break
-        fitted.append(fit)
-    else:
-        err = max((f.max_error for f in fitted), default=0.0)
-        return [f.data for f in fitted], GridReport(t.gguf_name, t.qtype.name, True, err)
-    fitted.clear()
-    errors = []
-
-    def quantized():
-        for x in chunks():
-            q = encode(x, t.qtype)
-            errors.append(float(np.abs(dequantize(q.reshape(x.shape[0], -1), t.qtype) - x.reshape(x.shape[0], -1)).max()))
-            yield q
-    data = list(quantized())
-    return data, GridReport(t.gguf_name, t.qtype.name, False, max(errors, default=0.0))
-
-
-def auto_type(ckpt: Checkpoint, fam: Family) -> str:
-    """The smallest block type whose grid holds a sample of the largest matrices exactly."""
-    mats = sorted((n for n, i in ckpt.tensors.items() if len(i.shape) == 2 and not fam.ignored(n)),
-                  key=lambda n: -int(np.prod(ckpt.tensors[n].shape)))[:3]
-    samples = [(fam.transform(n, ckpt.get_rows(n, 0, min(64, ckpt.tensors[n].shape[0]))) if fam.row_local(n)
-                else None, ckpt.tensors[n].dtype) for n in mats]
-    samples = [(x, dt) for x, dt in samples if x is not None]
-    for name in AUTO_ORDER:
-        if samples and all(fit_grid(x, OUT_TYPES[name][0], dt) is not None for x, dt in samples):
-            return name
-    return "BF16" if any(i.dtype == "BF16" for i in ckpt.tensors.values()) else "F16"

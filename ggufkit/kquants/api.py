@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
@@ -12,6 +17,24 @@ from ggufkit.kquants.registry import QUANTIZERS
 # dozen float32 copies of the chunk). 2^18 elements (1 MiB per copy) keeps them cache-resident:
 # measured 1.6-1.8x faster than 2^20 on the imatrix searches, and faster than 2^17 or 2^16.
 CHUNK_ELEMENTS = 1 << 18
+
+# Chunks quantized concurrently: numpy releases the GIL inside ufuncs, so one thread per core
+# (as ggml uses) scales the vectorized quantizers; memory stays bounded at THREADS chunks in flight.
+THREADS = os.cpu_count() or 1
+
+
+@functools.cache
+def _reuse_freed_memory() -> None:
+    """glibc hands freed multi-MiB blocks back to the OS, so each new chunk temporary page-faults
+    afresh, which costs more than the ufunc filling it (measured 2.8 ms vs 0.16 ms for two 1 MiB
+    temporaries). Serve them from the heap instead, and keep up to 256 MiB of it for reuse."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc: leave the allocator alone
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_trim_threshold, 256 << 20)
+    mallopt(m_mmap_threshold, 32 << 20)
 
 
 def qtype_of(qtype) -> GGMLQuantizationType:
@@ -56,14 +79,25 @@ def quantize(weights, qtype, imatrix=None) -> np.ndarray:
             raise ValueError("imatrix contains NaN or Inf")
     if not np.all(np.isfinite(x)):
         raise ValueError("weights contain NaN or Inf")
+    _reuse_freed_memory()
     out = np.empty((rows, cols // block * type_size), dtype=np.uint8)
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    # A multiple of THREADS chunks (each at most `step` rows) keeps the threads equally busy.
+    n_chunks = min(rows, -(-rows // (step * THREADS)) * THREADS)
     fn = QUANTIZERS[qt]
-    # Quantizers reproduce ggml's float semantics, inf and NaN intermediates included (huge or
-    # subnormal weights): those are results to match, not errors to report.
-    with np.errstate(all="ignore"):
-        for start in range(0, rows, step):
-            out[start:start + step] = fn(np.ascontiguousarray(x[start:start + step]), imatrix)
+
+    def quantize_chunk(start: int, stop: int) -> None:
+        # Quantizers reproduce ggml's float semantics, inf and NaN intermediates included (huge or
+        # subnormal weights): those are results to match, not errors to report. errstate is per thread.
+        with np.errstate(all="ignore"):
+            out[start:stop] = fn(np.ascontiguousarray(x[start:stop]), imatrix)
+
+    if n_chunks == 1:
+        quantize_chunk(0, rows)
+    elif n_chunks > 1:
+        bounds = [rows * i // n_chunks for i in range(n_chunks + 1)]
+        with ThreadPoolExecutor(THREADS) as pool:
+            list(pool.map(quantize_chunk, bounds[:-1], bounds[1:]))
     return out
 
 

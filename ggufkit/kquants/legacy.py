@@ -34,9 +34,14 @@ def pack_high_bits(q: np.ndarray) -> np.ndarray:
 
 
 def assemble(rows: np.ndarray, *fields: np.ndarray) -> np.ndarray:
-    """Concatenate per-block fields (fp16 as uint16, or uint8 (n_blocks, k)) into rows of bytes."""
+    """Write per-block fields (fp16 as uint16, or uint8 (n_blocks, k)) side by side into rows of bytes."""
     parts = [f.view(np.uint8).reshape(len(f), -1) for f in fields]
-    return np.concatenate(parts, axis=1).reshape(rows.shape[0], -1)
+    out = np.empty((len(parts[0]), sum(p.shape[1] for p in parts)), np.uint8)
+    start = 0
+    for p in parts:
+        out[:, start:start + p.shape[1]] = p
+        start += p.shape[1]
+    return out.reshape(rows.shape[0], -1)
 
 
 def imatrix_weights(rows: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
@@ -50,37 +55,49 @@ def symmetric_ref(rows: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """quantize_row_q4_0_ref / q5_0_ref: d = max / -nmax, levels MIN(2nmax-1, (int8_t)(x/d + nmax + 0.5))."""
     b = rows.reshape(-1, QK)
     d = signed_absmax(b)[0] / np.float32(-nmax)
-    x0 = b * inverse_or_zero(d)[:, None]
-    q = np.minimum(c_byte(x0 + np.float32(nmax + 0.5)).view(np.int8), 2 * nmax - 1)
-    return fp16_bits(d), q.view(np.uint8)
+    inv = inverse_or_zero(d)
+    # 1/d overflows for a tiny subnormal d; C's levels are then (int8_t)(inf or NaN) = 0, as NaN gives.
+    inv[np.isinf(inv)] = np.nan
+    x = b * inv[:, None]
+    x += np.float32(nmax + 0.5)
+    # |x/d| <= nmax (up to rounding), so x lies in [0, 2nmax + 0.5]: clamping the float before the
+    # cast equals C's MIN on the truncated integer, and is cheaper.
+    np.minimum(x, np.float32(2 * nmax - 0.5), out=x)
+    return fp16_bits(d), c_byte(x)
 
 
 def affine_ref(rows: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """quantize_row_q4_1_ref / q5_1_ref: d = (max - min)/nmax, levels (int)((x - min)/d + 0.5)."""
+    """quantize_row_q4_1_ref / q5_1_ref: d = (max - min)/nmax, levels (int)((x - min)/d + 0.5).
+
+    The levels lie in [0, nmax] (x - min <= max - min), or are 0 where 1/d overflows: the ref's
+    MIN(15, ...) for Q4_1 never applies."""
     b = rows.reshape(-1, QK)
     mn = first_extreme(b, np.argmin)
     d = (first_extreme(b, np.argmax) - mn) / np.float32(nmax)
-    q = c_byte((b - mn[:, None]) * inverse_or_zero(d)[:, None] + np.float32(0.5))
-    return fp16_bits(d), fp16_bits(mn), q
+    x = b - mn[:, None]
+    x *= inverse_or_zero(d)[:, None]
+    x += np.float32(0.5)
+    return fp16_bits(d), fp16_bits(mn), c_byte(x)
+
+
+def _symmetric(rows: np.ndarray, nmax: int, imatrix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 scale bits and codes of Q4_0 (nmax 8) / Q5_0 (nmax 16): ggml's max/-nmax rule without an
+    imatrix, its weighted scale search with one."""
+    if imatrix is None:
+        return symmetric_ref(rows, nmax)
+    q, scale = make_qx_quants(rows.reshape(-1, QK), nmax, imatrix_weights(rows, imatrix))
+    return fp16_bits(scale), q
 
 
 @register(T.Q4_0)
 def quantize_q4_0(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    if imatrix is None:
-        d, q = symmetric_ref(rows, 8)
-    else:
-        q, scale = make_qx_quants(rows.reshape(-1, QK), 8, imatrix_weights(rows, imatrix))
-        d = fp16_bits(scale)
+    d, q = _symmetric(rows, 8, imatrix)
     return assemble(rows, d, pack_nibbles(q))
 
 
 @register(T.Q5_0)
 def quantize_q5_0(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    if imatrix is None:
-        d, q = symmetric_ref(rows, 16)
-    else:
-        q, scale = make_qx_quants(rows.reshape(-1, QK), 16, imatrix_weights(rows, imatrix))
-        d = fp16_bits(scale)
+    d, q = _symmetric(rows, 16, imatrix)
     return assemble(rows, d, pack_high_bits(q), pack_nibbles(q))
 
 
@@ -95,8 +112,7 @@ def affine(rows: np.ndarray, imatrix: np.ndarray | None, nmax: int):
 @register(T.Q4_1)
 def quantize_q4_1(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     d, m, q = affine(rows, imatrix, 15)
-    # The ref path caps levels at 15 (MIN); the impl's levels are already in [0, 15].
-    return assemble(rows, d, m, pack_nibbles(np.minimum(q.view(np.int8), 15).view(np.uint8)))
+    return assemble(rows, d, m, pack_nibbles(q))
 
 
 @register(T.Q5_1)
@@ -106,14 +122,18 @@ def quantize_q5_1(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
 
 
 def c_roundf(f: np.ndarray) -> np.ndarray:
-    """roundf: half away from zero (np.rint rounds half to even). x - trunc(x) is exact."""
+    """roundf in place: half away from zero (np.rint rounds half to even). x - trunc(x) is exact."""
     t = np.trunc(f)
-    return t + np.trunc(np.float32(2) * (f - t))
+    f -= t
+    f *= np.float32(2)
+    np.trunc(f, out=f)
+    f += t
+    return f
 
 
 @register(T.Q8_0)
 def quantize_q8_0(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     b = rows.reshape(-1, QK)
-    d = np.abs(b).max(axis=1) / np.float32(127)
+    d = signed_absmax(b)[1] / np.float32(127)
     q = c_byte(c_roundf(b * inverse_or_zero(d)[:, None]))
     return assemble(rows, fp16_bits(d), q)

@@ -22,9 +22,12 @@ def columns(blocks: np.ndarray) -> np.ndarray:
 def block_sum(t: np.ndarray) -> np.ndarray:
     """Sum over axis 0 of a (n, n_blocks) float32 array in C's order, `float s = 0; s += t[i]...`.
 
-    An explicit loop over the n rows (each add vectorized over all blocks): np.add.reduce would
-    switch to pairwise summation when the other axis has length 1. Starting from +0.0 turns an
-    all -0.0 sum into +0.0, as in C."""
+    On a C-contiguous array with n_blocks > 1, np.add.reduce(axis=0) accumulates row after row
+    (bit-identical, and faster than a Python loop); with one block, or on a strided view, it may
+    sum pairwise, so those take the explicit loop. Adding +0.0 turns an all -0.0 sum into +0.0,
+    as C's start from 0 does (and changes nothing else)."""
+    if t.shape[1] > 1 and t.flags.c_contiguous:
+        return np.add.reduce(t, axis=0) + np.float32(0)
     s = t[0] + np.float32(0)
     for row in t[1:]:
         s += row
@@ -38,6 +41,22 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     i &= 0x7FFFFF
     i -= 0x400000
     return i
+
+
+def nearest_level(v: np.ndarray, lo, hi, bound: np.ndarray | None = None) -> np.ndarray:
+    """MAX(lo, MIN(hi, nearest_int(v))) as float32, computed in place in v (a temporary).
+
+    np.rint equals nearest_int while |v| < 2^21, the common case: checked on `bound` (per-block
+    upper bounds of |v|, when the caller knows them cheaply) or else with two reductions of v.
+    Otherwise (huge, inf or NaN arguments) the bit trick reproduces ggml's garbage exactly."""
+    big = np.float32(2**21)
+    if bound is not None:
+        fast = bool(bound.size == 0 or bound.max() < big)
+    else:
+        fast = v.size == 0 or bool(v.min() > -big and v.max() < big)
+    r = np.rint(v, out=v) if fast else nearest_int(v).astype(np.float32)
+    np.minimum(r, np.float32(hi), out=r)
+    return np.maximum(r, np.float32(lo), out=r)
 
 
 def fp16_bits(a: np.ndarray) -> np.ndarray:
@@ -59,10 +78,13 @@ def first_extreme(a: np.ndarray, arg, axis: int = -1) -> np.ndarray:
 
 def signed_absmax(a: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """ggml's `if (fabsf(v) > amax) { amax = fabsf(v); max = v; }` from amax = max = 0:
-    (max, amax), max being the first element of largest magnitude, +0.0 when all are zero."""
+    (max, amax), max being the first element of largest magnitude, +0.0 when all are zero.
+    A NaN never wins in C, while np.argmax picks it: rows with one are redone with NaN as 0."""
     mag = np.abs(a)
     idx = np.expand_dims(np.argmax(mag, axis=axis), axis)
     amax = np.take_along_axis(mag, idx, axis).squeeze(axis)
+    if np.isnan(amax).any():
+        return signed_absmax(np.where(np.isnan(a), np.float32(0), a), axis)
     mx = np.take_along_axis(a, idx, axis).squeeze(axis)
     return np.where(amax > 0, mx, np.float32(0)), amax
 
@@ -76,13 +98,24 @@ def make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None):
     """
     xt = columns(x)
     wt = xt * xt if weights is None else columns(weights)
-    mx, amax = signed_absmax(xt, axis=0)
+    mx, amax = signed_absmax(x)  # on x: numpy's argmax is much slower along a non-contiguous axis
     wx = wt * xt  # ggml's w*x[i]*l evaluates (w*x[i])*l
+    lf, prod = np.empty_like(xt), np.empty_like(xt)  # reused by every step: no fresh temporaries
+
+    # |iscale*x| <= nmax+1 for finite x (amax >= GROUP_MAX_EPS), so rint is nearest_int exactly. An inf
+    # x (an overflowed scale fed back as data) makes iscale*x NaN, which ggml's nearest_int turns into 0.
+    finite = bool(np.isfinite(amax).all())
 
     def sums(iscale):
-        # |iscale*x| <= nmax+1 here (amax >= GROUP_MAX_EPS), so rint is nearest_int exactly.
-        lf = np.clip(np.rint(iscale * xt), -nmax, nmax - 1)
-        return block_sum(wx * lf), block_sum(wt * lf * lf)
+        np.multiply(iscale, xt, out=lf)
+        if finite:
+            np.rint(lf, out=lf)
+            np.clip(lf, -nmax, nmax - 1, out=lf)
+        else:
+            lf[...] = nearest_level(lf, -nmax, nmax - 1, amax)
+        sumlx = block_sum(np.multiply(wx, lf, out=prod))
+        np.multiply(wt, lf, out=prod)
+        return sumlx, block_sum(np.multiply(prod, lf, out=prod))
 
     iscale = np.float32(-nmax) / mx
     best_iscale = iscale
@@ -99,49 +132,52 @@ def make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None):
         best = np.where(better, scale * sumlx, best)
         best_iscale = np.where(better, iscale, best_iscale)
     zero = amax < GROUP_MAX_EPS
-    L = np.clip(np.rint(best_iscale[:, None] * x), -nmax, nmax - 1).astype(np.int8) + np.int8(nmax)
+    L = (nearest_level(best_iscale[:, None] * x, -nmax, nmax - 1) + np.float32(nmax)).astype(np.uint8)
     L[zero] = 0
-    return L.view(np.uint8), np.where(zero, np.float32(0), scale)
+    return L, np.where(zero, np.float32(0), scale)
 
 
-def make_qkx3_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: float, rdelta: float,
-                     nstep: int):
-    """ggml's make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep,
-    use_mad=false) for a batch of blocks (ggml never passes use_mad=true).
 
-    x: (n_blocks, n) float32; weights: same shape, or None for ggml's weights=NULL (w = x*x).
+
+def qkx_search(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: float, rdelta: float,
+               nstep: int, use_mad: bool = False):
+    """ggml's make_qkx2_quants / make_qkx3_quants (identical but for weights=NULL, which only qkx3
+    allows and which means w = x*x) for a batch of blocks.
+
+    x: (n_blocks, n) float32; weights: same shape, or None.
     Returns (L uint8 (n_blocks, n) in [0, nmax], scale (n_blocks,), the_min (n_blocks,)) where
     the_min is ggml's `*the_min` (minus the block minimum: x ~ scale*L - the_min).
     """
     xt = columns(x)
     wt = xt * xt if weights is None else columns(weights)
-    mn = first_extreme(xt, np.argmin, axis=0)  # first occurrence: the sign of a zero min matters
-    mn = np.where(mn > 0, np.float32(0), mn)
+    raw_min = first_extreme(xt, np.argmin, axis=0)  # first occurrence: the sign of a zero min matters
+    mn = np.where(raw_min > 0, np.float32(0), raw_min)
     mx = first_extreme(xt, np.argmax, axis=0)
     sum_w = block_sum(wt)
     sum_x = block_sum(wt * xt)
     flat = mx <= mn
     flat_min = mn
 
-    def levels(iscale, lo):
-        # ggml gives l = 0 wherever iscale*(x - min) is not finite (its nearest_int of inf/NaN
-        # clips to 0): a zero iscale plus NaN-dropping fmax/fmin reproduce that, while for finite
-        # iscale the argument is bounded by ~nmax, where rint is nearest_int exactly.
-        iscale = np.where(np.isfinite(iscale), iscale, np.float32(0))
-        lf = np.rint(iscale * (xt - lo))
-        return np.fmin(np.fmax(lf, np.float32(0), out=lf), np.float32(nmax), out=lf), iscale
-
     def weighted_error(scale, lf, lo):
-        diff = scale * lf + lo - xt
-        return block_sum(wt * (diff * diff))
+        diff = scale * lf
+        diff += lo
+        diff -= xt
+        diff = np.abs(diff, out=diff) if use_mad else np.multiply(diff, diff, out=diff)
+        return block_sum(np.multiply(wt, diff, out=diff))
 
-    lf, best_iscale = levels(np.float32(nmax) / (mx - mn), mn)
+    def levels(iscale, lo):
+        # x - lo lies between raw_min - lo and mx - lo: that bounds |iscale*(x - lo)| per block.
+        bound = np.abs(iscale) * np.maximum(np.abs(raw_min - lo), np.abs(mx - lo))
+        return nearest_level(iscale * (xt - lo), 0, nmax, bound)
+
+    best_iscale = np.float32(nmax) / (mx - mn)
+    lf = levels(best_iscale, mn)
     best_min = mn
-    scale = np.float32(1) / (np.float32(nmax) / (mx - mn))
+    scale = np.float32(1) / best_iscale
     best_mad = weighted_error(scale, lf, mn)
     for step in range(nstep + 1):
         iscale = (np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)) / (mx - mn)
-        lf, iscale = levels(iscale, mn)
+        lf = levels(iscale, mn)
         wl = wt * lf
         sum_l, sum_l2, sum_xl = block_sum(wl), block_sum(wl * lf), block_sum(wl * xt)
         D = sum_w * sum_l2 - sum_l * sum_l
@@ -157,7 +193,131 @@ def make_qkx3_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin:
         best_iscale = np.where(better, iscale, best_iscale)
         best_min = np.where(better, mn, best_min)  # the min these levels were computed from
         mn = np.where(better, this_min, mn)  # ggml updates min inside the loop: later steps use it
-    L = np.rint(best_iscale[:, None] * (x - best_min[:, None]))
-    L = np.fmin(np.fmax(L, np.float32(0), out=L), np.float32(nmax), out=L).astype(np.uint8)
+    L = nearest_level(best_iscale[:, None] * (x - best_min[:, None]), 0, nmax).astype(np.uint8)
     L[flat] = 0
     return L, np.where(flat, np.float32(0), scale), -np.where(flat, flat_min, mn)
+
+
+def make_qkx2_quants(x: np.ndarray, nmax: int, weights: np.ndarray, rmin: float, rdelta: float,
+                     nstep: int, use_mad: bool):
+    """ggml's make_qkx2_quants (see qkx_search)."""
+    return qkx_search(x, nmax, weights, rmin, rdelta, nstep, use_mad)
+
+
+def make_qkx3_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: float, rdelta: float,
+                     nstep: int):
+    """ggml's make_qkx3_quants(..., use_mad=false) (ggml never passes use_mad=true; see qkx_search)."""
+    return qkx_search(x, nmax, weights, rmin, rdelta, nstep)
+
+
+def sequential_max(x: np.ndarray) -> np.ndarray:
+    """`float max = 0; for (...) max = MAX(max, x[i]);` over axis 1, MAX(a, b) = a > b ? a : b (a NaN
+    is kept only until the next element replaces it, unlike np.max)."""
+    m = np.zeros(len(x), np.float32)
+    for col in x.T:
+        m = np.where(m > col, m, col)
+    return m
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray):
+    """ggml's make_qp_quants for a batch of blocks: non-negative levels L = MIN(nmax, round(x/scale)).
+
+    x, weights: (n_blocks, n) float32 (small n: the sub-block scales of one super-block).
+    Returns (L uint8 (n_blocks, n), scale (n_blocks,)). Like ggml, L is a uint8_t array: a negative
+    level (negative x) is stored modulo 256, and the refinement then reads that stored value back.
+    """
+    mx = sequential_max(x)
+    zero = mx < GROUP_MAX_EPS
+    iscale = np.float32(nmax) / mx
+    ic = iscale[:, None]
+    stored = (nearest_int(ic * x) & 0xFF).astype(np.float32)
+    best_mse = block_sum(columns(weighted_square(weights, x - (np.float32(1) / ic) * stored)))
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_is = (np.float32(0.1) * np.float32(step) + np.float32(nmax)) / mx
+        ci = iscale_is[:, None]
+        lf = np.minimum(nearest_int(ci * x), nmax).astype(np.float32)
+        mse = block_sum(columns(weighted_square(weights, x - (np.float32(1) / ci) * lf)))
+        better = mse < best_mse
+        best_mse = np.where(better, mse, best_mse)
+        iscale = np.where(better, iscale_is, iscale)
+    lf = np.minimum(nearest_int(iscale[:, None] * x), nmax).astype(np.float32)
+    wx = weights * x
+    sumlx = block_sum(columns(wx * lf))
+    suml2 = block_sum(columns(weights * lf * lf))
+    stored = (lf.astype(np.int32) & 0xFF).astype(np.float32)
+    for _ in range(5):
+        changed = np.zeros(len(x), bool)
+        for i in range(x.shape[1]):
+            w, li = weights[:, i], stored[:, i]
+            slx = sumlx - wx[:, i] * li
+            sl2 = suml2 - w * li * li
+            new_l = np.minimum(nearest_int(x[:, i] * sl2 / slx), nmax).astype(np.float32)
+            new_slx = slx + wx[:, i] * new_l
+            new_sl2 = sl2 + w * new_l * new_l
+            take = ((slx > 0) & (sl2 > 0) & (new_l != li)
+                    & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2))
+            stored[:, i] = np.where(take, new_l.astype(np.int32) & 0xFF, li)
+            sumlx = np.where(take, new_slx, sumlx)
+            suml2 = np.where(take, new_sl2, suml2)
+            changed |= take
+        if not changed.any():
+            break
+    scale = np.where(suml2 > 0, sumlx / suml2, np.float32(0))
+    L = stored.astype(np.uint8)
+    L[zero] = 0
+    return L, np.where(zero, np.float32(0), scale)
+
+
+def weighted_square(w: np.ndarray, diff: np.ndarray) -> np.ndarray:
+    """C's `w*diff*diff`, evaluated left to right."""
+    return w * diff * diff
+
+
+def make_q3_quants(x: np.ndarray, nmax: int):
+    """ggml's make_q3_quants(n, nmax, x, L, do_rmse=true) for a batch of blocks (w = x*x).
+
+    Returns (L uint8 (n_blocks, n) in [0, 2*nmax-1], scale (n_blocks,)); all-zero blocks (max |x|
+    below GROUP_MAX_EPS) get L = 0 and scale 0."""
+    mx, amax = signed_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    xt = columns(x)
+    lf = nearest_level((np.float32(-nmax) / mx) * xt, -nmax, nmax - 1)
+    w = xt * xt
+    wx = w * xt
+    sumlx = block_sum(wx * lf)
+    suml2 = block_sum(w * lf * lf)
+    # A block with no change in a whole pass is at a fixed point: later passes only visit the others
+    # (typically a fifth of the blocks after the first pass, then a quarter of those...).
+    active = np.flatnonzero(q3_refine_pass(xt, w, wx, lf, sumlx, suml2, nmax))
+    for _ in range(4):
+        if active.size == 0:
+            break
+        la, sx, s2 = lf[:, active], sumlx[active], suml2[active]
+        changed = q3_refine_pass(xt[:, active], w[:, active], wx[:, active], la, sx, s2, nmax)
+        lf[:, active], sumlx[active], suml2[active] = la, sx, s2
+        active = active[changed]
+    L = (lf.T + np.float32(nmax)).astype(np.uint8)
+    L[zero] = 0
+    return L, np.where(zero | ~(suml2 > 0), np.float32(0), sumlx / suml2)
+
+
+def q3_refine_pass(xt, w, wx, lf, sumlx, suml2, nmax: int) -> np.ndarray:
+    """One pass of make_q3_quants' `for (i...)` level refinement over (n, n_blocks) arrays, updating
+    lf, sumlx, suml2 in place; returns which blocks changed."""
+    changed = np.zeros(lf.shape[1], bool)
+    for i in range(len(lf)):
+        li = lf[i]
+        slx = sumlx - wx[i] * li
+        sl2 = suml2 - w[i] * li * li
+        new_l = nearest_level(xt[i] * sl2 / slx, -nmax, nmax - 1)
+        new_slx = slx + wx[i] * new_l
+        new_sl2 = sl2 + w[i] * new_l * new_l
+        take = ((slx > 0) & (new_l != li) & (new_sl2 > 0)
+                & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2))
+        np.copyto(li, new_l, where=take)
+        np.copyto(sumlx, new_slx, where=take)
+        np.copyto(suml2, new_sl2, where=take)
+        changed |= take
+    return changed

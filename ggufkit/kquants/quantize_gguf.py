@@ -1,0 +1,180 @@
+"""`ggufkit quantize`: GGUF -> quantized GGUF with llama.cpp's mixtures, tensor by tensor.
+
+Types come from `mixtures.choose_types`, bytes from `ggufkit.kquants`; metadata is copied with
+general.file_type / quantization_version and quantize.imatrix.* set as llama-quantize sets them,
+and tensors are written in llama-quantize's order, so both tools' files line up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ggufkit.convert.export_hf import open_gguf
+from ggufkit.convert.writer import atomic_gguf, declare, refuse_overwrite, write_tensor_chunks
+from ggufkit.errors import GgufkitError
+from ggufkit.kquants import dequantize, encode, supported_types
+from ggufkit.kquants.imatrix import Imatrix, add_provenance, read_imatrix, weights_for
+from ggufkit.kquants.mixtures import (FLOAT_TYPES, MIXTURES, ModelInfo, Options, TensorMeta, choose_types,
+                                      llama_order, parse_override, parse_qtype, requires_imatrix)
+from ggufkit.progress import bar
+
+Q = gguf.GGMLQuantizationType
+# Rows are read, converted and quantized this many float32 bytes at a time.
+CHUNK_BYTES = 64 << 20
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    mixture: str
+    types: dict[str, Q]  # every tensor's output type
+    bytes_in: int
+    without_imatrix: list[str] = field(default_factory=list)  # --allow-missing: quantized without one
+
+
+def architecture(reader: gguf.GGUFReader) -> str:
+    f = reader.fields.get("general.architecture")
+    return "" if f is None else str(f.contents())
+
+
+def model_info(reader: gguf.GGUFReader) -> ModelInfo:
+    arch = architecture(reader)
+
+    def value(key: str, default: int) -> int:
+        f = reader.fields.get(f"{arch}.{key}")
+        if f is None:
+            return default
+        v = f.contents()
+        return int(v[0] if isinstance(v, list) else v)  # per-layer arrays: llama.cpp's n_gqa() uses layer 0
+
+    n_head = value("attention.head_count", 0)
+    return ModelInfo(arch, value("block_count", 0), n_head, value("attention.head_count_kv", n_head),
+                     value("expert_count", 0))
+
+
+def tensor_metas(reader: gguf.GGUFReader) -> list[TensorMeta]:
+    return [TensorMeta(t.name, tuple(int(n) for n in t.shape), Q(t.tensor_type)) for t in reader.tensors]
+
+
+def quantize_gguf(src, out, mixture: str, imatrix=None, tensor_types=(), output_tensor_type=None,
+                  token_embedding_type=None, pure: bool = False, allow_requantize: bool = False,
+                  allow_missing: bool = False, force: bool = False) -> QuantizeResult:
+    """Quantize `src` to `out` as llama-quantize would for `mixture` (Q4_K_M, Q8_0, ...).
+    `imatrix`: a path (GGUF or legacy .dat); `tensor_types`: (regex, type) overrides."""
+    src, out = Path(src), Path(out)
+    mixture = mixture.upper()
+    if mixture not in MIXTURES:
+        raise GgufkitError(f"unknown quantization type {mixture!r}; choose from {', '.join(MIXTURES)}")
+    opts = Options([parse_override(t) for t in tensor_types],
+                   None if output_tensor_type is None else parse_qtype(output_tensor_type, "--output-tensor-type"),
+                   None if token_embedding_type is None else parse_qtype(token_embedding_type,
+                                                                         "--token-embedding-type"),
+                   pure)
+    refuse_overwrite(out, force)
+    if out.exists() and out.resolve() == src.resolve():
+        raise GgufkitError("input and output are the same file", out)
+    reader = open_gguf(src)
+    imat = read_imatrix(imatrix) if imatrix is not None else None
+    metas = {t.name: t for t in tensor_metas(reader)}
+    types = choose_types(list(metas.values()), model_info(reader), mixture, opts, has_imatrix=imat is not None)
+    todo = [n for n, qt in types.items() if qt != metas[n].qtype]
+    _check_plan(src, mixture, metas, types, todo, imat is not None, allow_requantize)
+    weights, without = ({}, []) if imat is None else weights_for(
+        imat, {n: metas[n].ne for n in todo if types[n] not in FLOAT_TYPES}, imatrix, allow_missing)
+    path = _write(reader, out, mixture, types, weights, imat, imatrix)
+    return QuantizeResult(path, mixture, types, sum(int(t.n_bytes) for t in reader.tensors), without)
+
+
+def _check_plan(src: Path, mixture: str, metas: dict[str, TensorMeta], types: dict[str, Q], todo: list[str],
+                has_imatrix: bool, allow_requantize: bool) -> None:
+    """Refuse before writing anything: missing importance data, requantization, missing quantizers."""
+    if not has_imatrix:
+        need = [n for n in todo if requires_imatrix(n, types[n], mixture)]
+        if need:
+            raise GgufkitError(f"{types[need[0]].name} for {need[0]!r} requires an importance matrix "
+                               f"(--imatrix); {len(need)} tensors need one", src)
+    requant = [n for n in todo if metas[n].qtype not in FLOAT_TYPES]
+    if requant and not allow_requantize:
+        n = requant[0]
+        raise GgufkitError(f"tensor {n!r} is already quantized ({metas[n].qtype.name}); requantizing loses "
+                           f"quality, use --allow-requantize to do it anyway ({len(requant)} tensors)", src)
+    missing = sorted(t.name for t in {types[n] for n in todo} - set(supported_types()) - set(FLOAT_TYPES))
+    if missing:
+        raise GgufkitError(f"{mixture} needs {', '.join(missing)}, which ggufkit.kquants cannot produce yet "
+                           f"(it has {', '.join(t.name for t in supported_types())})", src)
+
+
+def _copy_metadata(w: gguf.GGUFWriter, reader: gguf.GGUFReader, mixture: str, imat: Imatrix | None, imatrix_path):
+    """The input's KV pairs, then what llama-quantize changes: file type, quantization version,
+    the imatrix it used; split keys dropped (the output is one file)."""
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in SPLIT_KEYS:
+            continue  # the writer adds the header fields and the architecture itself
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        value = f.contents()
+        w.add_key_value(key, value, f.types[0], sub_type=sub)
+        if key == "general.alignment":
+            w.data_alignment = int(value)
+    w.kv_data[0].pop("general.quantization_version", None)
+    w.kv_data[0].pop("general.file_type", None)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_file_type(int(MIXTURES[mixture][0]))
+    if imat is not None:
+        add_provenance(w, imat, imatrix_path)
+
+
+def _float_rows(t):
+    """(expert, float32 rows) slabs of a tensor, read from the memory map a slab at a time."""
+    qtype = Q(t.tensor_type)
+    rows_per_expert = int(t.shape[1]) if len(t.shape) > 1 else 1
+    data = t.data.reshape(-1, rows_per_expert, t.data.shape[-1])  # (experts, rows, cols or row bytes)
+    step = max(1, CHUNK_BYTES // (4 * int(t.shape[0])))
+    for expert, mat in enumerate(data):
+        for start in range(0, rows_per_expert, step):
+            rows = np.asarray(mat[start:start + step])
+            yield expert, rows if qtype == Q.F32 else dequantize(rows.view(np.uint8), qtype)
+
+
+def _encoded(t, new: Q, weights: np.ndarray | None):
+    cols = int(t.shape[0])
+    for expert, rows in _float_rows(t):
+        imat = None if weights is None or new in FLOAT_TYPES else weights[expert * cols:(expert + 1) * cols]
+        yield encode(rows, new, imat)
+
+
+def _write(reader: gguf.GGUFReader, out: Path, mixture: str, types: dict[str, Q], weights: dict[str, np.ndarray],
+           imat: Imatrix | None, imatrix_path) -> Path:
+    tensors = llama_order(reader.tensors)
+    with atomic_gguf(out, architecture(reader)) as w:
+        for t in tensors:
+            declare(w, t.name, tuple(int(n) for n in reversed(t.shape)), types[t.name])
+        _copy_metadata(w, reader, mixture, imat, imatrix_path)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with bar(total=len(tensors), desc=f"quantize {mixture}", unit="tensor") as pbar:
+            for t in tensors:
+                new = types[t.name]
+                if new == Q(t.tensor_type):  # nothing to do: copied as stored
+                    data = [np.asarray(t.data).view(np.uint8).reshape(-1)]
+                else:
+                    data = _encoded(t, new, weights.get(t.name))
+                write_tensor_chunks(w, data)
+                pbar.set_postfix_str(f"{t.name} -> {new.name}")
+                pbar.update(1)
+    return w.produced[0]
+
+
+def summary(result: QuantizeResult) -> str:
+    """The output's type table against the input's size, and what went without importance data."""
+    from ggufkit.runtime.inspect import type_table
+
+    text = type_table(result.path, input_bytes=result.bytes_in)
+    if result.without_imatrix:
+        text += (f"\nquantized without imatrix data (--allow-missing): {len(result.without_imatrix)} tensors: "
+                 + ", ".join(result.without_imatrix[:5]) + (" ..." if len(result.without_imatrix) > 5 else ""))
+    return text

@@ -1,0 +1,41 @@
+"""`ggufkit serve`: an OpenAI-compatible HTTP server (llama-cpp-python's) for one GGUF."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+from ggufkit.runtime.load import DEFAULT_CTX, check_model, default_threads
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, ctx: int = DEFAULT_CTX, n_gpu_layers: int = 0,
+          threads: int | None = None, api_key: str | None = None) -> None:
+    """Serve `model` at http://host:port/v1 until interrupted."""
+    header = check_model(model, n_gpu_layers)
+    import uvicorn
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    if not is_loopback(host) and api_key is None:
+        print(f"ggufkit serve: warning: listening on {host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)
+    n = default_threads(threads)
+    # Prefer the GGUF's own template over llama-cpp-python's guess from known template texts.
+    chat_format = "chat_template.default" if "tokenizer.chat_template" in header.metadata else None
+    app = create_app(
+        server_settings=ServerSettings(host=host, port=port, api_key=api_key),
+        model_settings=[ModelSettings(model=str(model), model_alias=header.path.stem, n_ctx=ctx,
+                                      n_gpu_layers=n_gpu_layers, n_threads=n, n_threads_batch=n,
+                                      chat_format=chat_format, verbose=False)],
+    )
+    print(f"ggufkit serve: {header.path.name} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,116 @@
+"""Importance matrices: the GGUF and legacy .dat formats, `ggufkit imatrix` against llama-imatrix
+on the same F32 GGUF and text, and each tool's imatrix fed to the other's quantizer."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from ggufkit.cli import main
+from ggufkit.errors import GgufkitError
+from ggufkit.kquants.imatrix import read_imatrix, write_imatrix
+from ggufkit.kquants.quantize_gguf import quantize_gguf
+from ggufkit.runtime.imatrix import collect
+from tests.quant_reference import (fake_imatrix, identical_tensors, llama_imatrix, llama_quantize, metadata,
+                                   synthetic_gguf)
+
+CTX, CHUNKS = 128, 3  # small windows keep the real-model runs short on 2 cores
+
+
+def _write_dat(path, entries: dict[str, tuple[int, np.ndarray]], chunks: int, dataset: str):
+    """The legacy format as llama-imatrix --output-format dat writes it."""
+    out = struct.pack("<i", len(entries))
+    for name, (ncall, values) in entries.items():
+        out += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, values.size)
+        out += values.astype("<f4").tobytes()
+    path.write_bytes(out + struct.pack("<ii", chunks, len(dataset)) + dataset.encode())
+    return path
+
+
+def test_gguf_roundtrip_and_weights(tmp_path):
+    model = synthetic_gguf(tmp_path / "m.gguf", n_layer=2, n_expert=8, n_ff=256)
+    im = read_imatrix(fake_imatrix(model, tmp_path / "a.gguf"))
+    im.entries["blk.0.ffn_up_exps.weight"].counts[3] = 0  # an expert no token was routed to
+    again = read_imatrix(write_imatrix(im, tmp_path / "b.gguf"))
+    assert again.entries.keys() == im.entries.keys() and again.datasets == ["synthetic"]
+    for name, e in im.entries.items():
+        np.testing.assert_array_equal(again.entries[name].sums, e.sums)
+        np.testing.assert_array_equal(again.entries[name].counts, e.counts)
+    w = again.weights("blk.0.ffn_up_exps.weight").reshape(8, -1)
+    e = im.entries["blk.0.ffn_up_exps.weight"]
+    np.testing.assert_array_equal(w[0], e.sums[0] / np.float32(512))
+    assert (w[3] == 1).all()  # llama-quantize's value for experts without data
+
+
+def test_legacy_dat(tmp_path):
+    values = np.array([2.0, 4.0, 6.0], dtype=np.float32)
+    im = read_imatrix(_write_dat(tmp_path / "i.dat", {"blk.0.attn_q.weight": (4, values)}, 7, "wiki.txt"))
+    assert im.legacy and im.chunk_count == 7 and im.datasets == ["wiki.txt"]
+    np.testing.assert_array_equal(im.weights("blk.0.attn_q.weight"), values / 4)
+
+
+@pytest.mark.parametrize("data,match", [(b"\x00\x00\x00\x00", "no entries"), (b"\x02\x00\x00\x00\x05", "truncated"),
+                                        (b"GGUF" + b"\x00" * 8, "not a readable GGUF")])
+def test_bad_imatrix_files(tmp_path, data, match):
+    (tmp_path / "bad").write_bytes(data)
+    with pytest.raises(GgufkitError, match=match):
+        read_imatrix(tmp_path / "bad")
+
+
+def test_legacy_dat_in_quantize_matches_llama_quantize(tmp_path):
+    model = synthetic_gguf(tmp_path / "m.gguf", n_layer=2)
+    gguf_im = read_imatrix(fake_imatrix(model, tmp_path / "i.gguf"))
+    dat = _write_dat(tmp_path / "i.dat", {n: (3, e.sums[0] / 512 * 3) for n, e in gguf_im.entries.items()}, 1, "x")
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(model, ref, "Q4_0", "--imatrix", str(dat))
+    ours = quantize_gguf(model, tmp_path / "ours.gguf", "Q4_0", imatrix=dat).path
+    assert identical_tensors(ours, ref)[1] == []
+    assert metadata(ours) == metadata(ref)
+
+
+@pytest.fixture(scope="module")
+def both_imatrices(smollm2_f32, corpus, tmp_path_factory):
+    """llama-imatrix's and ours on SmolLM2 F32, same text, windows and chunk count."""
+    root = tmp_path_factory.mktemp("imatrix")
+    text = corpus / "prideprejudice.txt"
+    ref = llama_imatrix(smollm2_f32, text, root / "ref.gguf", CTX, CHUNKS)
+    ours = root / "ours.gguf"
+    assert main(["imatrix", str(smollm2_f32), "--text", str(text), "-o", str(ours), "--ctx", str(CTX),
+                 "--chunks", str(CHUNKS), "--threads", "2"]) == 0
+    return ours, ref
+
+
+@pytest.mark.slow
+def test_matches_llama_imatrix(both_imatrices):
+    ours, ref = (read_imatrix(p) for p in both_imatrices)
+    assert ours.entries.keys() == ref.entries.keys()
+    assert (ours.chunk_count, ours.chunk_size, ours.datasets) == (ref.chunk_count, ref.chunk_size, ref.datasets)
+    for name, r in ref.entries.items():
+        o = ours.entries[name]
+        np.testing.assert_array_equal(o.counts, r.counts, err_msg=name)
+        np.testing.assert_allclose(o.sums, r.sums, rtol=1e-3, err_msg=name)
+
+
+@pytest.mark.slow
+def test_each_tools_imatrix_works_in_the_other(both_imatrices, smollm2_f32, tmp_path):
+    ours, ref = both_imatrices
+    llama_quantize(smollm2_f32, tmp_path / "llama-with-ours.gguf", "Q4_0", "--imatrix", str(ours))
+    out = quantize_gguf(smollm2_f32, tmp_path / "ours-with-llama.gguf", "Q4_0", imatrix=ref).path
+    llama_quantize(smollm2_f32, tmp_path / "llama-with-llama.gguf", "Q4_0", "--imatrix", str(ref))
+    assert identical_tensors(out, tmp_path / "llama-with-llama.gguf")[1] == []
+
+
+@pytest.mark.slow
+def test_text_too_short(smollm2_f32, tmp_path):
+    (tmp_path / "short.txt").write_text("Too short for two windows.")
+    with pytest.raises(GgufkitError, match="text too short"):
+        collect(smollm2_f32, [tmp_path / "short.txt"], ctx=CTX)
+
+
+def test_bad_model(tmp_path, corpus):
+    (tmp_path / "m.gguf").write_bytes(b"not a model")
+    assert main(["imatrix", str(tmp_path / "m.gguf"), "--text", str(corpus / "emma.txt"),
+                 "-o", str(tmp_path / "i.gguf")]) == 1
+    assert not (tmp_path / "i.gguf").exists()

@@ -1,0 +1,226 @@
+"""`ggufkit quantize` against llama-quantize: the type of every tensor for every mixture (real and
+synthetic models, with and without an imatrix, with overrides), the bytes and metadata of whole
+files where ggufkit.kquants has the types, and refusals of bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import gguf
+import pytest
+
+from ggufkit.cli import main
+from ggufkit.convert.pipeline import convert
+from ggufkit.errors import GgufkitError
+from ggufkit.kquants import supported_types
+from ggufkit.kquants.mixtures import Options, parse_override, parse_qtype
+from ggufkit.kquants.quantize_gguf import quantize_gguf
+from tests.quant_reference import (ALL_MIXTURES, fake_imatrix, ggufkit_types, identical_tensors, llama_quantize,
+                                   metadata, needed_types, reference_types, synthetic_gguf)
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="session")
+def gemma3_f32(gemma3_gguf, tmp_path_factory):
+    from ggufkit.convert.export_hf import export_hf
+
+    hf = export_hf(gemma3_gguf, tmp_path_factory.mktemp("hf") / "gemma-3-270m")
+    return convert(hf, tmp_path_factory.mktemp("gguf") / "gemma3-f32.gguf", out_type="F32")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """name -> (F32 GGUF, an imatrix for it)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    models = {"gqa4": dict(), "moe8": dict(n_expert=8, n_ff=256), "tied-gqa1": dict(n_head_kv=8, tied=True),
+              "odd-rows": dict(n_embd=320, n_head=4, n_head_kv=1, n_ff=640)}
+    return {name: (synthetic_gguf(root / f"{name}.gguf", **kw), fake_imatrix(root / f"{name}.gguf",
+                                                                            root / f"{name}.imatrix.gguf"))
+            for name, kw in models.items()}
+
+
+def _assert_same_types(model, mixture, imatrix=None, opts=None, flags=()):
+    im_flags = ("--imatrix", str(imatrix)) if imatrix else ()
+    ref = reference_types(model, mixture, *im_flags, *flags)
+    ours = ggufkit_types(model, mixture, has_imatrix=imatrix is not None, opts=opts)
+    assert ours.keys() == ref.keys()
+    assert {n: t.name for n, t in ours.items() if ref[n] != t} == {}, \
+        f"{mixture}: llama-quantize chose {({n: ref[n].name for n in ours if ref[n] != ours[n]})}"
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("mixture", ALL_MIXTURES)
+@pytest.mark.parametrize("model", ["gqa4", "moe8", "tied-gqa1", "odd-rows"])
+def test_mixture_types_synthetic(synthetic, model, mixture, with_imatrix):
+    path, imatrix = synthetic[model]
+    _assert_same_types(path, mixture, imatrix if with_imatrix else None)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--tensor-type", "attn_v=q8_0", "--tensor-type", "blk\\.[0-3]\\.ffn_down=Q3_K"),
+    ("--tensor-type", "BLK\\.1\\.ATTN_V=q4_k"),  # llama-quantize lower-cases the pattern
+    ("--output-tensor-type", "q5_k", "--token-embedding-type", "q8_0"),
+    ("--output-tensor-type", "f16"),
+    ("--pure",),
+    ("--pure", "--tensor-type", "ffn_up=q6_k"),
+], ids=["tensor-type", "tensor-type-case", "output+embd", "output-f16", "pure", "pure+tensor-type"])
+@pytest.mark.parametrize("model", ["gqa4", "tied-gqa1", "odd-rows"])
+def test_overrides_match_llama_quantize(synthetic, model, flags):
+    path, _ = synthetic[model]
+    args = list(flags)
+    opts = Options(pure="--pure" in args)
+    for flag, value in zip(args, args[1:] + [""]):
+        if flag == "--tensor-type":
+            opts.overrides.append(parse_override(value))
+        elif flag == "--output-tensor-type":
+            opts.output_type = parse_qtype(value)
+        elif flag == "--token-embedding-type":
+            opts.token_embd_type = parse_qtype(value)
+    for mixture in ("Q4_K_M", "Q3_K_M", "Q4_0"):
+        _assert_same_types(path, mixture, opts=opts, flags=flags)
+
+
+@pytest.fixture(scope="module")
+def real_models(smollm2_f32, gemma3_f32, tmp_path_factory):
+    root = tmp_path_factory.mktemp("imatrices")
+    return {"smollm2": (smollm2_f32, fake_imatrix(smollm2_f32, root / "smollm2.imatrix.gguf")),
+            "gemma3": (gemma3_f32, fake_imatrix(gemma3_f32, root / "gemma3.imatrix.gguf"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_mixture_types_real_models(real_models, model, with_imatrix):
+    path, imatrix = real_models[model]
+    for mixture in ALL_MIXTURES:
+        _assert_same_types(path, mixture, imatrix if with_imatrix else None)
+
+
+def _skip_unless_supported(model, mixture, imatrix):
+    missing = needed_types(ggufkit_types(model, mixture, has_imatrix=imatrix is not None)) - set(supported_types())
+    if missing:
+        pytest.skip(f"ggufkit.kquants has no {', '.join(sorted(t.name for t in missing))} yet")
+
+
+def _assert_identical_to_llama_quantize(tmp_path, model, mixture, imatrix=None):
+    _skip_unless_supported(model, mixture, imatrix)
+    im_flags = ("--imatrix", str(imatrix)) if imatrix else ()
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(model, ref, mixture, *im_flags)
+    ours = quantize_gguf(model, tmp_path / "ours.gguf", mixture, imatrix=imatrix).path
+    fraction, differ = identical_tensors(ours, ref)
+    assert differ == [], f"{mixture}: {len(differ)} tensors differ ({fraction:.1%} identical), e.g. {differ[:3]}"
+    assert metadata(ours) == metadata(ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixture,with_imatrix", [("Q8_0", False), ("Q4_0", True), ("Q4_K_M", True),
+                                                  ("IQ4_XS", True)])
+def test_bytes_and_metadata_match_llama_quantize_smollm2(real_models, tmp_path, mixture, with_imatrix):
+    path, imatrix = real_models["smollm2"]
+    _assert_identical_to_llama_quantize(tmp_path, path, mixture, imatrix if with_imatrix else None)
+
+
+@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_S", "Q5_1", "IQ4_NL"])
+def test_bytes_match_llama_quantize_synthetic(synthetic, tmp_path, mixture):
+    path, imatrix = synthetic["moe8"]  # per-expert imatrix slices, 3-D tensors, 256-multiple rows
+    _assert_identical_to_llama_quantize(tmp_path, path, mixture, imatrix)
+
+
+@pytest.mark.slow
+def test_convert_mixture_in_one_pass_matches_llama_quantize(smollm2_hf, real_models, tmp_path):
+    """checkpoint -> Q4_K_M with an imatrix, in one convert: the bytes llama-quantize makes from our F32 file."""
+    path, imatrix = real_models["smollm2"]
+    ours = convert(smollm2_hf, tmp_path / "ours.gguf", out_type="Q4_K_M", imatrix=imatrix)
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(path, ref, "Q4_K_M", "--imatrix", str(imatrix))
+    fraction, differ = identical_tensors(ours, ref)
+    assert differ == [], f"{len(differ)} tensors differ ({fraction:.1%} identical), e.g. {differ[:3]}"
+    keys = ("general.file_type", "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count")
+    assert {k: v for k, v in metadata(ours)["kv"].items() if k in keys} == \
+        {k: v for k, v in metadata(ref)["kv"].items() if k in keys}
+
+
+def test_convert_with_calibration(smollm2_hf, tmp_path, capsys):
+    """--calibration with no file measures on the shipped text; the imatrix reaches the quantizer."""
+    from tests import tiny_models
+
+    ckpt = tiny_models.build("llama", tmp_path / "hf", smollm2_hf)
+    out = tmp_path / "q4km.gguf"
+    assert main(["convert", str(ckpt), "-o", str(out), "--type", "q4_k_m", "--calibration",
+                 "--calibration-chunks", "2", "--calibration-ctx", "64"]) == 0
+    captured = capsys.readouterr()
+    assert "bits/w" in captured.err and captured.out.strip() == str(out)
+    r = gguf.GGUFReader(out)
+    assert r.fields["quantize.imatrix.chunks_count"].contents() == 2
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp folder removed
+    plain = convert(ckpt, tmp_path / "plain.gguf", out_type="Q4_K_M")
+    assert identical_tensors(out, plain)[1], "the imatrix changed no tensor"
+
+
+def test_convert_refuses_an_imatrix_for_float_types(smollm2_hf, synthetic, tmp_path):
+    with pytest.raises(GgufkitError, match="importance matrix applies to llama.cpp's mixtures"):
+        convert(smollm2_hf, tmp_path / "x.gguf", out_type="F16", imatrix=synthetic["gqa4"][1])
+    with pytest.raises(GgufkitError, match="needs an importance matrix"):
+        convert(smollm2_hf, tmp_path / "x.gguf", out_type="Q2_K_S")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_requantize(synthetic, tmp_path):
+    path, _ = synthetic["gqa4"]
+    q4 = quantize_gguf(path, tmp_path / "q4_0.gguf", "Q4_0").path
+    with pytest.raises(GgufkitError, match="already quantized.*--allow-requantize"):
+        quantize_gguf(q4, tmp_path / "q8.gguf", "Q8_0")
+    ours = quantize_gguf(q4, tmp_path / "q8.gguf", "Q8_0", allow_requantize=True).path
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(q4, ref, "Q8_0", "--allow-requantize")
+    assert identical_tensors(ours, ref)[1] == []
+
+
+def test_imatrix_from_another_model(synthetic, tmp_path):
+    path, _ = synthetic["gqa4"]
+    _, other = synthetic["odd-rows"]  # same tensor names, other row lengths
+    with pytest.raises(GgufkitError, match=r"imatrix does not match this model: blk\.0\.\S+ \(imatrix has 320"):
+        quantize_gguf(path, tmp_path / "out.gguf", "Q4_0", imatrix=other)
+    _, moe = synthetic["moe8"]  # no ffn_down/gate/up entries, only ffn_*_exps
+    with pytest.raises(GgufkitError, match=r"blk\.0\.ffn_down\.weight \(no entry\)"):
+        quantize_gguf(path, tmp_path / "out.gguf", "Q4_0", imatrix=moe)
+    result = quantize_gguf(path, tmp_path / "out.gguf", "Q4_0", imatrix=moe, allow_missing=True)
+    assert len(result.without_imatrix) == 3 * 8 and "blk.7.ffn_up.weight" in result.without_imatrix
+
+
+def test_bad_input(synthetic, tmp_path):
+    path, imatrix = synthetic["gqa4"]
+    (tmp_path / "not.gguf").write_bytes(b"hello world, not a gguf")
+    with pytest.raises(GgufkitError, match="not a readable GGUF"):
+        quantize_gguf(tmp_path / "not.gguf", tmp_path / "out.gguf", "Q4_0")
+    with pytest.raises(GgufkitError, match="unknown quantization type 'Q4_K_X'"):
+        quantize_gguf(path, tmp_path / "out.gguf", "Q4_K_X")
+    with pytest.raises(GgufkitError, match="malformed --tensor-type"):
+        quantize_gguf(path, tmp_path / "out.gguf", "Q4_0", tensor_types=["attn_v"])
+    with pytest.raises(GgufkitError, match="invalid --tensor-type type 'q9'"):
+        quantize_gguf(path, tmp_path / "out.gguf", "Q4_0", tensor_types=["attn_v=q9"])
+    # very low-bit types are refused without importance data, as llama-quantize refuses them
+    with pytest.raises(GgufkitError, match="IQ2_XXS for 'blk.0.ffn_down.weight' requires an importance matrix"):
+        quantize_gguf(path, tmp_path / "out.gguf", "Q4_0", tensor_types=["ffn_down=iq2_xxs"])
+    with pytest.raises(GgufkitError, match="Q2_K for .* requires an importance matrix"):
+        quantize_gguf(path, tmp_path / "out.gguf", "Q2_K_S")
+    with pytest.raises(GgufkitError, match="no such imatrix file"):
+        quantize_gguf(path, tmp_path / "out.gguf", "Q4_0", imatrix=tmp_path / "missing.gguf")
+    with pytest.raises(GgufkitError, match="not an imatrix: missing metadata"):
+        quantize_gguf(path, tmp_path / "out.gguf", "Q4_0", imatrix=path)
+    shutil.copy(path, tmp_path / "exists.gguf")
+    with pytest.raises(GgufkitError, match="already exists"):
+        quantize_gguf(path, tmp_path / "exists.gguf", "Q4_0")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_cli(synthetic, tmp_path, capsys):
+    path, imatrix = synthetic["moe8"]
+    assert main(["quantize", str(path), str(tmp_path / "out.gguf"), "q4_0", "--imatrix", str(imatrix)]) == 0
+    table = capsys.readouterr().out
+    assert "Q4_0" in table and "bits/w" in table and "out.gguf" in table
+    assert main(["quantize", str(path), str(tmp_path / "out.gguf"), "q4_0"]) == 1
+    assert "already exists" in capsys.readouterr().err
