@@ -15,6 +15,7 @@ import numpy as np
 from ggufkit.kquants.imatrix import Entry, Imatrix, write_imatrix
 from ggufkit.kquants.mixtures import MIXTURES, choose_types
 from ggufkit.kquants.quantize_gguf import model_info, tensor_metas
+from ggufkit.runtime.header import read_header, tensor_data
 from tests.reference import llama_tool
 
 Q = gguf.GGMLQuantizationType
@@ -45,9 +46,8 @@ def reference_types(src: Path, mixture: str, *flags: str) -> dict[str, Q]:
 
 @functools.lru_cache(maxsize=8)
 def _tensor_table(src: Path):
-    # GGUFReader takes ~20 s on Gemma's vocabulary: read each model once per session
-    reader = gguf.GGUFReader(src)
-    return tensor_metas(reader), model_info(reader)
+    header = read_header(src, arrays=True)
+    return tensor_metas(header), model_info(header)
 
 
 def ggufkit_types(src: Path, mixture: str, has_imatrix: bool = False, opts=None) -> dict[str, Q]:
@@ -69,10 +69,10 @@ def fake_imatrix(model: Path, out: Path, seed: int = 0) -> Path:
     comparing two quantizers that are given the same one."""
     rng = np.random.default_rng(seed)
     entries = {}
-    for t in gguf.GGUFReader(model).tensors:
+    for t in read_header(model).tensors:
         if t.name.startswith("blk.") and len(t.shape) >= 2 and not t.name.endswith("_norm.weight"):
-            n_mat = int(t.shape[2]) if len(t.shape) > 2 else 1
-            sums = rng.gamma(1.0, 1.0, size=(n_mat, int(t.shape[0]))).astype(np.float32) * 512
+            n_mat = t.shape[2] if len(t.shape) > 2 else 1
+            sums = rng.gamma(1.0, 1.0, size=(n_mat, t.shape[0])).astype(np.float32) * 512
             entries[t.name] = Entry(sums, np.full(n_mat, 512, dtype=np.float32))
     return write_imatrix(Imatrix(entries, ["synthetic"], 1, 512), out)
 
@@ -122,23 +122,19 @@ def synthetic_gguf(path: Path, arch: str = "llama", n_layer: int = 8, n_embd: in
 
 def identical_tensors(ours: Path, ref: Path) -> tuple[float, list[str]]:
     """(fraction of the reference's tensors with the same type and bytes in ours, names that differ)."""
-    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-    differ = []
-    for t in gguf.GGUFReader(ref).tensors:
-        o = a.get(t.name)
-        if o is None or o.tensor_type != t.tensor_type or \
-                not np.array_equal(np.asarray(o.data).view(np.uint8), np.asarray(t.data).view(np.uint8)):
-            differ.append(t.name)
-    n = len(gguf.GGUFReader(ref).tensors)
-    return (n - len(differ)) / n, differ
+    h_ours, h_ref = read_header(ours), read_header(ref)
+    mine = {t.name: t for t in h_ours.tensors}
+    differ = [t.name for t in h_ref.tensors
+              if (o := mine.get(t.name)) is None or o.type != t.type
+              or not np.array_equal(tensor_data(h_ours, o), tensor_data(h_ref, t))]
+    return (len(h_ref.tensors) - len(differ)) / len(h_ref.tensors), differ
 
 
 def metadata(path: Path) -> dict:
-    """KV pairs (values of long arrays reduced to their length) and tensor order of a GGUF."""
-    r = gguf.GGUFReader(path)
-    kv = {k: (tuple(f.types), f.contents() if len(f.data) <= 64 else len(f.data))
-          for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    return {"kv": kv, "order": [t.name for t in r.tensors]}
+    """KV pairs with their types (long arrays reduced to their length) and tensor order of a GGUF."""
+    h = read_header(path, arrays=True)
+    kv = {k: (h.value_types[k], len(v) if isinstance(v, list) and len(v) > 64 else v) for k, v in h.metadata.items()}
+    return {"kv": kv, "order": [t.name for t in h.tensors]}
 
 
 def needed_types(types: dict[str, Q]) -> set[Q]:

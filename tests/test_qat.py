@@ -55,6 +55,8 @@ def test_symmetric_qat_checkpoint_converts_to_q4_0_exactly(qat_ckpt, tmp_path):
     report = []
     out = convert(qat_ckpt, tmp_path / "qat.gguf", out_type="Q4_0", report=report)
     assert report and all(r.exact and r.max_error == 0 for r in report)
+    # the Q4_0 mixture would make the output matrix Q8_0; on the Q4_0 grid, it stays Q4_0, exactly
+    assert {t.tensor_type for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2} == {Q.Q4_0}
     reference = convert(qat_ckpt, tmp_path / "f32.gguf", out_type="F32")
     ours, want = _gguf_values(out), _gguf_values(reference)
     for name, t in ((t.name, t) for t in gguf.GGUFReader(out).tensors if t.tensor_type == Q.Q4_0):

@@ -194,7 +194,7 @@ def test_imatrix_from_another_model(synthetic, tmp_path):
 def test_bad_input(synthetic, tmp_path):
     path, imatrix = synthetic["gqa4"]
     (tmp_path / "not.gguf").write_bytes(b"hello world, not a gguf")
-    with pytest.raises(GgufkitError, match="not a readable GGUF"):
+    with pytest.raises(GgufkitError, match="not a GGUF file"):
         quantize_gguf(tmp_path / "not.gguf", tmp_path / "out.gguf", "Q4_0")
     with pytest.raises(GgufkitError, match="unknown quantization type 'Q4_K_X'"):
         quantize_gguf(path, tmp_path / "out.gguf", "Q4_K_X")

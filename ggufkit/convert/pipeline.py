@@ -97,19 +97,32 @@ def plan(ckpt: Checkpoint, fam: Family, out_type: str, n_vocab: int, has_imatrix
     for name, data in fam.extra_tensors():
         out.append(PlannedTensor(name, None, data.shape, Q.F32, data))
     if out_type in MIXTURE_TYPES:
-        metas = [TensorMeta(t.gguf_name, tuple(reversed(t.shape)), t.qtype) for t in out]
-        types = choose_types(metas, model_info(fam), out_type, has_imatrix=has_imatrix)
-        base = MIXTURES[out_type][1]
-        for t in out:
-            t.qtype = types[t.gguf_name]
-            if qat and t.qtype not in FLOAT_TYPES and t.qtype != base and base in GRIDS and t.hf_name is not None:
-                x, dtype = _sample(ckpt, fam, t.hf_name)
-                if (t.qtype not in GRIDS or fit_grid(x, t.qtype, dtype) is None) and fit_grid(x, base, dtype) is not None:
-                    t.qtype = base
-            if requires_imatrix(t.gguf_name, t.qtype, out_type) and not has_imatrix:
-                raise GgufkitError(f"{out_type} needs an importance matrix for {t.gguf_name} "
-                                   "(give --imatrix or --calibration)", cfg_path)
+        _mixture_types(out, ckpt, fam, out_type, has_imatrix, qat)
     return out
+
+
+def _mixture_types(tensors: list[PlannedTensor], ckpt: Checkpoint, fam: Family, mixture: str, has_imatrix: bool,
+                   qat: bool) -> None:
+    """Set each tensor's type by llama-quantize's rules for `mixture`, as if quantizing our F32 file."""
+    metas = [TensorMeta(t.gguf_name, tuple(reversed(t.shape)), t.qtype) for t in tensors]
+    types = choose_types(metas, model_info(fam), mixture, has_imatrix=has_imatrix)
+    base = MIXTURES[mixture][1]
+    for t in tensors:
+        t.qtype = types[t.gguf_name]
+        if qat and t.qtype not in FLOAT_TYPES and t.qtype != base and t.hf_name is not None \
+                and _only_base_grid_holds(ckpt, fam, t, base):
+            t.qtype = base
+        if requires_imatrix(t.gguf_name, t.qtype, mixture) and not has_imatrix:
+            raise GgufkitError(f"{mixture} needs an importance matrix for {t.gguf_name} "
+                               "(give --imatrix or --calibration)", ckpt.root / "config.json")
+
+
+def _only_base_grid_holds(ckpt: Checkpoint, fam: Family, t: PlannedTensor, base) -> bool:
+    """Whether a sample of the tensor sits on the base type's grid but not on its planned type's."""
+    if base not in GRIDS:
+        return False
+    x, dtype = _sample(ckpt, fam, t.hf_name)
+    return (t.qtype not in GRIDS or fit_grid(x, t.qtype, dtype) is None) and fit_grid(x, base, dtype) is not None
 
 
 def model_info(fam: Family) -> ModelInfo:

@@ -12,7 +12,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggufkit.convert.export_hf import open_gguf
 from ggufkit.convert.writer import atomic_gguf, declare, refuse_overwrite, write_tensor_chunks
 from ggufkit.errors import GgufkitError
 from ggufkit.kquants import dequantize, encode, supported_types
@@ -20,6 +19,7 @@ from ggufkit.kquants.imatrix import Imatrix, add_provenance, read_imatrix, weigh
 from ggufkit.kquants.mixtures import (FLOAT_TYPES, MIXTURES, ModelInfo, Options, TensorMeta, choose_types,
                                       llama_order, parse_override, parse_qtype, requires_imatrix)
 from ggufkit.progress import bar
+from ggufkit.runtime.header import GgufHeader, TensorInfo, read_header, tensor_data
 
 Q = gguf.GGMLQuantizationType
 # Rows are read, converted and quantized this many float32 bytes at a time.
@@ -36,19 +36,11 @@ class QuantizeResult:
     without_imatrix: list[str] = field(default_factory=list)  # --allow-missing: quantized without one
 
 
-def architecture(reader: gguf.GGUFReader) -> str:
-    f = reader.fields.get("general.architecture")
-    return "" if f is None else str(f.contents())
-
-
-def model_info(reader: gguf.GGUFReader) -> ModelInfo:
-    arch = architecture(reader)
+def model_info(header: GgufHeader) -> ModelInfo:
+    arch = header.architecture
 
     def value(key: str, default: int) -> int:
-        f = reader.fields.get(f"{arch}.{key}")
-        if f is None:
-            return default
-        v = f.contents()
+        v = header.metadata.get(f"{arch}.{key}", default)
         return int(v[0] if isinstance(v, list) else v)  # per-layer arrays: llama.cpp's n_gqa() uses layer 0
 
     n_head = value("attention.head_count", 0)
@@ -56,8 +48,8 @@ def model_info(reader: gguf.GGUFReader) -> ModelInfo:
                      value("expert_count", 0))
 
 
-def tensor_metas(reader: gguf.GGUFReader) -> list[TensorMeta]:
-    return [TensorMeta(t.name, tuple(int(n) for n in t.shape), Q(t.tensor_type)) for t in reader.tensors]
+def tensor_metas(header: GgufHeader) -> list[TensorMeta]:
+    return [TensorMeta(t.name, t.shape, t.type) for t in header.tensors]
 
 
 def quantize_gguf(src, out, mixture: str, imatrix=None, tensor_types=(), output_tensor_type=None,
@@ -77,16 +69,16 @@ def quantize_gguf(src, out, mixture: str, imatrix=None, tensor_types=(), output_
     refuse_overwrite(out, force)
     if out.exists() and out.resolve() == src.resolve():
         raise GgufkitError("input and output are the same file", out)
-    reader = open_gguf(src)
+    header = read_header(src, arrays=True)
     imat = read_imatrix(imatrix) if imatrix is not None else None
-    metas = {t.name: t for t in tensor_metas(reader)}
-    types = choose_types(list(metas.values()), model_info(reader), mixture, opts, has_imatrix=imat is not None)
+    metas = {t.name: t for t in tensor_metas(header)}
+    types = choose_types(list(metas.values()), model_info(header), mixture, opts, has_imatrix=imat is not None)
     todo = [n for n, qt in types.items() if qt != metas[n].qtype]
     _check_plan(src, mixture, metas, types, todo, imat is not None, allow_requantize)
     weights, without = ({}, []) if imat is None else weights_for(
         imat, {n: metas[n].ne for n in todo if types[n] not in FLOAT_TYPES}, imatrix, allow_missing)
-    path = _write(reader, out, mixture, types, weights, imat, imatrix)
-    return QuantizeResult(path, mixture, types, sum(int(t.n_bytes) for t in reader.tensors), without)
+    path = _write(header, out, mixture, types, weights, imat, imatrix)
+    return QuantizeResult(path, mixture, types, sum(t.n_bytes for t in header.tensors), without)
 
 
 def _check_plan(src: Path, mixture: str, metas: dict[str, TensorMeta], types: dict[str, Q], todo: list[str],
@@ -108,15 +100,14 @@ def _check_plan(src: Path, mixture: str, metas: dict[str, TensorMeta], types: di
                            f"(it has {', '.join(t.name for t in supported_types())})", src)
 
 
-def _copy_metadata(w: gguf.GGUFWriter, reader: gguf.GGUFReader, mixture: str, imat: Imatrix | None, imatrix_path):
+def _copy_metadata(w: gguf.GGUFWriter, header: GgufHeader, mixture: str, imat: Imatrix | None, imatrix_path):
     """The input's KV pairs, then what llama-quantize changes: file type, quantization version,
     the imatrix it used; split keys dropped (the output is one file)."""
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in SPLIT_KEYS:
-            continue  # the writer adds the header fields and the architecture itself
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        value = f.contents()
-        w.add_key_value(key, value, f.types[0], sub_type=sub)
+    for key, value in header.metadata.items():
+        if key == "general.architecture" or key in SPLIT_KEYS:
+            continue  # the writer adds the architecture itself
+        vtype, sub = header.value_types[key]
+        w.add_key_value(key, value, vtype, sub_type=sub)
         if key == "general.alignment":
             w.data_alignment = int(value)
     w.kv_data[0].pop("general.quantization_version", None)
@@ -127,42 +118,42 @@ def _copy_metadata(w: gguf.GGUFWriter, reader: gguf.GGUFReader, mixture: str, im
         add_provenance(w, imat, imatrix_path)
 
 
-def _float_rows(t):
+def _float_rows(header: GgufHeader, t: TensorInfo):
     """(expert, float32 rows) slabs of a tensor, read from the memory map a slab at a time."""
-    qtype = Q(t.tensor_type)
-    rows_per_expert = int(t.shape[1]) if len(t.shape) > 1 else 1
-    data = t.data.reshape(-1, rows_per_expert, t.data.shape[-1])  # (experts, rows, cols or row bytes)
-    step = max(1, CHUNK_BYTES // (4 * int(t.shape[0])))
+    rows_per_expert = t.shape[1] if len(t.shape) > 1 else 1
+    data = tensor_data(header, t)
+    data = data.reshape(-1, rows_per_expert, data.shape[-1])  # (experts, rows, row bytes)
+    step = max(1, CHUNK_BYTES // (4 * t.shape[0]))
     for expert, mat in enumerate(data):
         for start in range(0, rows_per_expert, step):
             rows = np.asarray(mat[start:start + step])
-            yield expert, rows if qtype == Q.F32 else dequantize(rows.view(np.uint8), qtype)
+            yield expert, rows.view(np.float32) if t.type == Q.F32 else dequantize(rows, t.type)
 
 
-def _encoded(t, new: Q, weights: np.ndarray | None):
-    cols = int(t.shape[0])
-    for expert, rows in _float_rows(t):
+def _encoded(header: GgufHeader, t: TensorInfo, new: Q, weights: np.ndarray | None):
+    cols = t.shape[0]
+    for expert, rows in _float_rows(header, t):
         imat = None if weights is None or new in FLOAT_TYPES else weights[expert * cols:(expert + 1) * cols]
         yield encode(rows, new, imat)
 
 
-def _write(reader: gguf.GGUFReader, out: Path, mixture: str, types: dict[str, Q], weights: dict[str, np.ndarray],
+def _write(header: GgufHeader, out: Path, mixture: str, types: dict[str, Q], weights: dict[str, np.ndarray],
            imat: Imatrix | None, imatrix_path) -> Path:
-    tensors = llama_order(reader.tensors)
-    with atomic_gguf(out, architecture(reader)) as w:
+    tensors = llama_order(header.tensors)
+    with atomic_gguf(out, header.architecture) as w:
         for t in tensors:
-            declare(w, t.name, tuple(int(n) for n in reversed(t.shape)), types[t.name])
-        _copy_metadata(w, reader, mixture, imat, imatrix_path)
+            declare(w, t.name, tuple(reversed(t.shape)), types[t.name])
+        _copy_metadata(w, header, mixture, imat, imatrix_path)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         with bar(total=len(tensors), desc=f"quantize {mixture}", unit="tensor") as pbar:
             for t in tensors:
                 new = types[t.name]
-                if new == Q(t.tensor_type):  # nothing to do: copied as stored
-                    data = [np.asarray(t.data).view(np.uint8).reshape(-1)]
+                if new == t.type:  # nothing to do: copied as stored
+                    data = [np.asarray(tensor_data(header, t)).reshape(-1)]
                 else:
-                    data = _encoded(t, new, weights.get(t.name))
+                    data = _encoded(header, t, new, weights.get(t.name))
                 write_tensor_chunks(w, data)
                 pbar.set_postfix_str(f"{t.name} -> {new.name}")
                 pbar.update(1)

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ggufkit.errors import GgufkitError
@@ -39,7 +40,7 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    """Metadata arrays (vocabularies, merges) are only counted: nothing here needs their values."""
+    """A metadata array (vocabulary, merges) only counted, when its values are not asked for."""
     type: GGUFValueType
     length: int
 
@@ -52,6 +53,7 @@ class GgufHeader:
     tensors: list[TensorInfo]
     data_offset: int
     file_size: int
+    value_types: dict  # key -> (GGUFValueType, element type of an array or None)
 
     @property
     def architecture(self) -> str:
@@ -83,21 +85,24 @@ class _Cursor:
         self.take(self.unpack("<Q"))
 
 
-def _value(cur: _Cursor, vtype: int):
-    vtype = GGUFValueType(vtype)
+def _value(cur: _Cursor, vtype: GGUFValueType, arrays: bool):
+    """One metadata value and its array element type; arrays as lists only when `arrays`."""
     if vtype == GGUFValueType.STRING:
-        return cur.string()
+        return cur.string(), None
     if vtype == GGUFValueType.ARRAY:
         etype, length = GGUFValueType(cur.unpack("<I")), cur.unpack("<Q")
+        if etype == GGUFValueType.ARRAY:
+            raise ValueError("nested metadata arrays are not supported")
+        if etype == GGUFValueType.STRING and arrays:
+            return [cur.string() for _ in range(length)], etype
         if etype == GGUFValueType.STRING:
             for _ in range(length):
                 cur.skip_string()
-        elif etype == GGUFValueType.ARRAY:
-            raise ValueError("nested metadata arrays are not supported")
-        else:
-            cur.take(length * struct.calcsize(_SCALAR[etype]))
-        return ArrayInfo(etype, length)
-    return cur.unpack(_SCALAR[vtype])
+            return ArrayInfo(etype, length), etype
+        fmt = _SCALAR[etype]
+        raw = cur.take(length * struct.calcsize(fmt))
+        return (list(struct.unpack(f"<{length}{fmt[1]}", raw)) if arrays else ArrayInfo(etype, length)), etype
+    return cur.unpack(_SCALAR[vtype]), None
 
 
 def _tensor(cur: _Cursor) -> TensorInfo:
@@ -114,7 +119,7 @@ def _tensor(cur: _Cursor) -> TensorInfo:
     return TensorInfo(name, shape, qtype, offset, n_elements, n_elements // block * type_size)
 
 
-def _parse(buf, path: Path, size: int) -> GgufHeader:
+def _parse(buf, path: Path, size: int, arrays: bool) -> GgufHeader:
     cur = _Cursor(buf)
     if cur.take(4) != MAGIC:
         raise GgufkitError("not a GGUF file (bad magic)", path)
@@ -122,18 +127,21 @@ def _parse(buf, path: Path, size: int) -> GgufHeader:
     if version not in SUPPORTED_VERSIONS:
         raise GgufkitError(f"unsupported GGUF version {version} (supported: 2, 3)", path)
     n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
-    metadata = {}
+    metadata, value_types = {}, {}
     for _ in range(n_kv):
         key = cur.string()
-        metadata[key] = _value(cur, cur.unpack("<I"))
+        vtype = GGUFValueType(cur.unpack("<I"))
+        metadata[key], etype = _value(cur, vtype, arrays)
+        value_types[key] = (vtype, etype)
     tensors = [_tensor(cur) for _ in range(n_tensors)]
     align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
     data_offset = -(-cur.pos // align) * align
-    return GgufHeader(path, version, metadata, tensors, data_offset, size)
+    return GgufHeader(path, version, metadata, tensors, data_offset, size, value_types)
 
 
-def read_header(path) -> GgufHeader:
-    """Parse and validate `path`; raises GgufkitError (one line) if llama.cpp could not load it."""
+def read_header(path, arrays: bool = False) -> GgufHeader:
+    """Parse and validate `path`; raises GgufkitError (one line) if llama.cpp could not load it.
+    Metadata arrays are read as lists with `arrays`, else only counted (ArrayInfo)."""
     path = Path(path)
     if not path.exists():
         raise GgufkitError("no such file", path)
@@ -144,7 +152,7 @@ def read_header(path) -> GgufHeader:
         raise GgufkitError(f"not a GGUF file ({size} bytes)", path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
-            header = _parse(buf, path, size)
+            header = _parse(buf, path, size, arrays)
         except _Truncated:
             raise GgufkitError(f"truncated GGUF: the header runs past the end of the file ({size} bytes)",
                                path) from None
@@ -154,3 +162,10 @@ def read_header(path) -> GgufHeader:
     if needed > size:
         raise GgufkitError(f"truncated GGUF: {size} bytes, but its tensors need {needed}", path)
     return header
+
+
+def tensor_data(header: GgufHeader, t: TensorInfo) -> np.ndarray:
+    """A tensor's bytes as stored, memory-mapped: (rows, bytes per row), rows over every dimension but ne[0]."""
+    block, type_size = GGML_QUANT_SIZES[t.type]
+    return np.memmap(header.path, np.uint8, "r", offset=header.data_offset + t.offset,
+                     shape=(t.n_elements // t.shape[0], t.shape[0] // block * type_size))
