@@ -2,7 +2,7 @@
 threads, plus generation speed against the memory-bandwidth bound (each generated token reads every
 weight once, so tg t/s x weight bytes cannot exceed the machine's copy bandwidth).
 
-    python -m benchmarks.runtime_speed [--model smollm2|gemma3] [--threads 2] [--chunks 4] [--json]
+    python -m benchmarks.runtime_speed [--model smollm2|gemma3 | --file X.gguf] [--threads 2] [--chunks 4] [--json]
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunks", type=int, default=4, help="perplexity windows of 512 tokens")
     ap.add_argument("--text", default=str(Path(__file__).resolve().parents[2] / "shared/corpus/emma.txt"))
+    ap.add_argument("--file", help="measure this GGUF instead of --model's shipped file (e.g. an F32 or Q4_K_M)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    model = models.fetch(models.MODELS[args.model])
+    model = Path(args.file) if args.file else models.fetch(models.MODELS[args.model])
     perplexity_exe, bench_exe = llama_tools("llama-perplexity", "llama-bench")
 
     ours = bench(model, 512, 128, args.reps, threads=args.threads)
