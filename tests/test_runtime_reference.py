@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ggufkit.cli import main
+from ggufkit.kquants.quantize_gguf import quantize_gguf
 from tests.reference import llama_tool
 
 pytestmark = pytest.mark.slow
@@ -57,27 +58,36 @@ def smollm2_dequantized(smollm2_gguf, tmp_path_factory):
     return dequantize_to_f32(smollm2_gguf, tmp_path_factory.mktemp("f32") / "smollm2-dequantized-f32.gguf")
 
 
-def test_perplexity_matches_llama_perplexity(smollm2_gguf, corpus, capsys):
+@pytest.fixture(scope="module")
+def smollm2_q4_k_m(smollm2_dequantized, tmp_path_factory):
+    """A Q4_K_M file: ggufkit's quantizers, llama-quantize's mixture."""
+    return quantize_gguf(smollm2_dequantized, tmp_path_factory.mktemp("q4km") / "smollm2-q4_k_m.gguf", "Q4_K_M").path
+
+
+@pytest.mark.parametrize("model", ["smollm2_gguf", "smollm2_q4_k_m"], ids=["Q4_1", "Q4_K_M"])
+def test_perplexity_matches_llama_perplexity(model, corpus, capsys, request):
+    model = request.getfixturevalue(model)
     text = corpus / "emma.txt"
-    ours = ggufkit_json(capsys, "perplexity", smollm2_gguf, "--text", text, "--chunks", CHUNKS)
-    log = llama_perplexity("-m", smollm2_gguf, "-f", text, "--chunks", CHUNKS)
+    ours = ggufkit_json(capsys, "perplexity", model, "--text", text, "--chunks", CHUNKS)
+    log = llama_perplexity("-m", model, "-f", text, "--chunks", CHUNKS)
     ppl, stderr = map(float, re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log).groups())
     assert ours["chunks"] == CHUNKS and ours["tokens"] == CHUNKS * (CTX // 2 - 1)
     assert ours["ppl"] == pytest.approx(ppl, rel=5e-4)
     assert ours["ppl_stderr"] == pytest.approx(stderr, rel=1e-2)
 
 
-def test_kld_matches_llama_perplexity(smollm2_dequantized, smollm2_gguf, corpus, tmp_path, capsys):
+def test_kld_matches_llama_perplexity(smollm2_dequantized, smollm2_q4_k_m, corpus, tmp_path, capsys):
+    """F32 base vs Q4_K_M, as the issue asks."""
     text = corpus / "northangerabbey.txt"
     theirs_base, ours_base = tmp_path / "llama.logits", tmp_path / "ggufkit.logits"
     llama_perplexity("-m", smollm2_dequantized, "-f", text, "--chunks", CHUNKS, "--kl-divergence-base", theirs_base)
-    log = llama_perplexity("-m", smollm2_gguf, "--kl-divergence-base", theirs_base, "--kl-divergence")
+    log = llama_perplexity("-m", smollm2_q4_k_m, "--kl-divergence-base", theirs_base, "--kl-divergence")
     kld_ref = float(re.search(r"Mean +KLD: +([\d.]+)", log).group(1))
     top_ref = float(re.search(r"Same top p: +([\d.]+)", log).group(1))
     ppl_ref = float(re.search(r"Mean PPL\(Q\) +: +([\d.]+)", log).group(1))
     ppl_base_ref = float(re.search(r"Mean PPL\(base\) +: +([\d.]+)", log).group(1))
 
-    ours = ggufkit_json(capsys, "kld", smollm2_dequantized, smollm2_gguf, "--text", text, "--chunks", CHUNKS,
+    ours = ggufkit_json(capsys, "kld", smollm2_dequantized, smollm2_q4_k_m, "--text", text, "--chunks", CHUNKS,
                         "--save-base", ours_base)
     assert ours["kld_mean"] == pytest.approx(kld_ref, rel=0.02)
     assert 100 * ours["top1_agreement"] == pytest.approx(top_ref, abs=0.2)
@@ -89,6 +99,6 @@ def test_kld_matches_llama_perplexity(smollm2_dequantized, smollm2_gguf, corpus,
     assert ours_base.stat().st_size == theirs_base.stat().st_size
 
     # And llama.cpp's own base file is read as is.
-    reused = ggufkit_json(capsys, "kld", smollm2_gguf, "--base-logits", theirs_base)
+    reused = ggufkit_json(capsys, "kld", smollm2_q4_k_m, "--base-logits", theirs_base)
     assert reused["kld_mean"] == pytest.approx(kld_ref, rel=0.02)
     assert 100 * reused["top1_agreement"] == pytest.approx(top_ref, abs=0.2)
