@@ -2,7 +2,7 @@
 imatrix: `python -m benchmarks.quantize_speed [--model smollm2] [--type Q4_K_M] [--chunks 4]`.
 
 Both sides run as child processes (wall time includes start-up and model loading) with the same
-thread count; ggufkit's quantizers are single-threaded numpy. Also checks the outputs agree: imatrix
+thread count (ggufkit quantizes row chunks on that many threads). Also checks the outputs agree: imatrix
 entries within 1e-3 relative, quantized tensors byte-identical."""
 
 from __future__ import annotations

@@ -114,3 +114,19 @@ def test_bad_model(tmp_path, corpus):
     assert main(["imatrix", str(tmp_path / "m.gguf"), "--text", str(corpus / "emma.txt"),
                  "-o", str(tmp_path / "i.gguf")]) == 1
     assert not (tmp_path / "i.gguf").exists()
+
+
+@pytest.mark.parametrize("order,last", [
+    (["blk.0.attn_q.weight", "blk.0.ffn_down.weight"], "blk.0.ffn_down.weight"),
+    (["a", "b", "c"] * 2, "c"),  # two physical batches per window: stop at the end of each graph
+    (["a", "c", "b", "c"], None),  # graphs that differ: never stop early
+    (["a", "b", "b"], None),  # the last weight used twice in a graph
+    ([], None),  # no collected weight (windows under 16 tokens)
+])
+def test_early_stop_only_after_the_graphs_last_weight(order, last):
+    from ggufkit.runtime.imatrix import Collector
+
+    c = Collector(process_output=False)
+    c._order = list(order)
+    c.window_done()
+    assert c.last == last and c._order is None
