@@ -37,6 +37,13 @@ def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_hf(gemma3_gguf, tmp_path_factory) -> Path:
+    from ggufkit.convert.export_hf import export_hf
+
+    return export_hf(gemma3_gguf, tmp_path_factory.mktemp("hf") / "gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
 def smollm2_f32(smollm2_hf, tmp_path_factory) -> Path:
     from ggufkit.convert.pipeline import convert
 

@@ -17,13 +17,6 @@ TYPES = ["F32", "F16", "BF16", "Q8_0"]
 IGNORED_KEYS = ("general.quantized_by", "general.source", "general.uuid")
 
 
-@pytest.fixture(scope="module")
-def gemma3_hf(gemma3_gguf, tmp_path_factory):
-    from ggufkit.convert.export_hf import export_hf
-
-    return export_hf(gemma3_gguf, tmp_path_factory.mktemp("hf") / "gemma-3-270m")
-
-
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def checkpoint(request):
     return request.getfixturevalue(f"{request.param}_hf")

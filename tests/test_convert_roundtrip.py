@@ -50,15 +50,21 @@ def test_llama_cpp_tokenizes_the_corpus_identically(smollm2_gguf, smollm2_f32, c
 
 
 @pytest.mark.slow
-def test_exported_tokenizer_json_tokenizes_like_llama_cpp(smollm2_gguf, smollm2_hf, corpus):
-    tokenizers = pytest.importorskip("tokenizers")
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])  # byte-level BPE; SentencePiece with byte fallback
+def test_exported_tokenizer_json_tokenizes_like_llama_cpp(model, request, corpus):
     from llama_cpp import Llama
+    from tokenizers import Tokenizer
 
+    gguf_path, hf_dir = (request.getfixturevalue(f"{model}_{kind}") for kind in ("gguf", "hf"))
     text = (corpus / "emma.txt").read_text(encoding="utf-8")[:200_000]
-    hf = tokenizers.Tokenizer.from_file(str(smollm2_hf / "tokenizer.json"))
-    ours = hf.encode(text, add_special_tokens=False).ids
-    ref = Llama(str(smollm2_gguf), vocab_only=True, verbose=False).tokenize(text.encode(), add_bos=False, special=False)
-    assert ours == ref
+    ours = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    llama = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    assert ours == llama.tokenize(text.encode(), add_bos=False, special=False)
+    # control tokens (chat markers) between words: matched whole, as llama.cpp does with special=True
+    hf = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    text = " and ".join(a["content"] for a in hf["added_tokens"] if a["special"])
+    ours = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    assert ours == llama.tokenize(text.encode(), add_bos=False, special=True)
 
 
 def test_split_max_size_writes_llama_gguf_split_shards(smollm2_hf, smollm2_f32, tmp_path):

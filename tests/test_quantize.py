@@ -22,11 +22,8 @@ Q = gguf.GGMLQuantizationType
 
 
 @pytest.fixture(scope="session")
-def gemma3_f32(gemma3_gguf, tmp_path_factory):
-    from ggufkit.convert.export_hf import export_hf
-
-    hf = export_hf(gemma3_gguf, tmp_path_factory.mktemp("hf") / "gemma-3-270m")
-    return convert(hf, tmp_path_factory.mktemp("gguf") / "gemma3-f32.gguf", out_type="F32")
+def gemma3_f32(gemma3_hf, tmp_path_factory):
+    return convert(gemma3_hf, tmp_path_factory.mktemp("gguf") / "gemma3-f32.gguf", out_type="F32")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from ggufkit.convert.safetensors_out import write_safetensors
 from ggufkit.convert.tokenizer import PRE_TOKENIZERS
 from ggufkit.errors import GgufkitError
 from ggufkit.progress import bar
+from ggufkit.runtime.header import read_header, tensor_data
 
 T = gguf.TokenType
 
@@ -31,32 +32,73 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         raise GgufkitError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", path) from None
 
 
-def metadata(reader: gguf.GGUFReader) -> dict:
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
 def _f32_repr(v):
     """GGUF floats are float32: write their shortest decimal form, not float64 noise."""
     return float(str(np.float32(v))) if isinstance(v, float) else v
 
 
-def _tokenizer_json(kv: dict) -> dict:
+def _tokenizer_json(kv: dict, **parts) -> dict:
+    """tokenizer.json with the GGUF's control and user-defined tokens as added tokens, matched on the
+    raw text before the model runs, as llama.cpp partitions its input."""
     tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
-    pre = kv.get("tokenizer.ggml.pre", "gpt-2")
-    if pre not in PRE_TOKENIZERS:
-        raise GgufkitError(f"cannot export BPE pre-tokenizer {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": types[i] == T.CONTROL}
              for i, t in enumerate(tokens) if types[i] in (T.CONTROL, T.USER_DEFINED)]
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": None, "pre_tokenizer": PRE_TOKENIZERS[pre],
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(kv.get("tokenizer.ggml.merges", []))},
-    }
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, **parts}
+
+
+def _bpe_model(vocab: dict, merges: list, **options) -> dict:
+    return {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab, "merges": merges, **options}
+
+
+def _byte_level_tokenizer_json(kv: dict) -> dict:
+    tokens = kv["tokenizer.ggml.tokens"]
+    pre = kv.get("tokenizer.ggml.pre", "gpt-2")
+    if pre not in PRE_TOKENIZERS:
+        raise GgufkitError(f"cannot export BPE pre-tokenizer {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
+    return _tokenizer_json(
+        kv, normalizer=None, pre_tokenizer=PRE_TOKENIZERS[pre],
+        post_processor={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        decoder={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        model=_bpe_model({t: i for i, t in enumerate(tokens)}, list(kv.get("tokenizer.ggml.merges", []))))
+
+
+def _score_merges(tokens: list[str], scores) -> list[list[str]]:
+    """llama.cpp's SentencePiece tokenizer repeatedly joins the adjacent pair whose joined text is the
+    highest-scoring token; as BPE merges that is every split of every token into two tokens, ranked
+    by the joined token's score (best first)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for i, t in enumerate(tokens):
+        for k in range(1, len(t)):
+            left, right = t[:k], t[k:]
+            if left in ids and right in ids:
+                found.append((-float(scores[i]), i, ids[left], left, right))
+    found.sort(key=lambda m: m[:3])
+    return [[left, right] for *_, left, right in found]
+
+
+def _sentencepiece_tokenizer_json(kv: dict) -> dict:
+    """The Hugging Face form of a SentencePiece vocabulary: spaces as U+2581 (one before each text
+    fragment when add_space_prefix), BPE merges by score, unknown characters as <0xXX> byte tokens."""
+    tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
+    space = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    decode = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+              {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if kv.get("tokenizer.ggml.add_space_prefix", True):
+        normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, space]}
+        decode.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    else:
+        normalizer = space
+    unk = kv.get("tokenizer.ggml.unknown_token_id")
+    return _tokenizer_json(
+        kv, normalizer=normalizer, pre_tokenizer=None, post_processor=None,
+        decoder={"type": "Sequence", "decoders": decode},
+        model=_bpe_model({t: i for i, t in enumerate(tokens)}, _score_merges(tokens, kv["tokenizer.ggml.scores"]),
+                         unk_token=tokens[unk] if unk is not None else None, fuse_unk=True,
+                         byte_fallback=any(t == T.BYTE for t in types)))
 
 
 def _sentencepiece_model(kv: dict) -> bytes:
@@ -104,13 +146,15 @@ def write_tokenizer(folder: Path, kv: dict) -> None:
         cfg["chat_template"] = kv["tokenizer.chat_template"]
     if model == "gpt2":
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        (folder / "tokenizer.json").write_text(json.dumps(_tokenizer_json(kv), ensure_ascii=False))
+        tokenizer_json = _byte_level_tokenizer_json(kv)
     elif model == "llama":
         cfg["tokenizer_class"] = "LlamaTokenizer"
         cfg["add_prefix_space"] = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
+        tokenizer_json = _sentencepiece_tokenizer_json(kv)
         (folder / "tokenizer.model").write_bytes(_sentencepiece_model(kv))
     else:
         raise GgufkitError(f"cannot export tokenizer model {model!r} (supported: gpt2, llama)")
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
 
@@ -120,11 +164,11 @@ def export_hf(src, outdir, dtype: str = "float32", force: bool = False, max_shar
         raise GgufkitError(f"unknown --dtype {dtype!r}; choose float32 or bfloat16")
     if outdir.exists() and any(outdir.iterdir()) and not force:
         raise GgufkitError("output folder exists and is not empty (use --force to overwrite)", outdir)
-    reader = open_gguf(src)
-    kv = metadata(reader)
+    header = read_header(src, arrays=True)  # gguf.GGUFReader takes seconds over a 262k-token vocabulary
+    kv = header.metadata
     arch = kv.get("general.architecture")
     fam_cls = family_for_gguf_arch(arch)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in header.tensors}
     n_vocab = len(kv["tokenizer.ggml.tokens"])
     config = fam_cls.config_from_gguf(kv, n_vocab, tied="output.weight" not in tensors)
     config.update({f"{role}_token_id": i for role, i in _special_ids(kv).items() if role in ("bos", "eos", "pad")})
@@ -141,7 +185,7 @@ def export_hf(src, outdir, dtype: str = "float32", force: bool = False, max_shar
 
     def produce(hf_name: str) -> np.ndarray:
         t = tensors[to_gguf[hf_name]]
-        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        x = gguf.quants.dequantize(tensor_data(header, t), t.type).astype(np.float32, copy=False)
         x = fam.untransform(t.name, x.reshape(tuple(int(n) for n in reversed(t.shape))))
         pbar.update(1)
         return x if dtype == "float32" else gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16).view(np.uint16)

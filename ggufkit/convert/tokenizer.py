@@ -1,11 +1,14 @@
 """Tokenizers -> GGUF keys: BPE vocabularies from tokenizer.json (pre-tokenizer identified from its own
-definition), SentencePiece from tokenizer.model; special tokens, add_bos/add_eos and the chat
-template through gguf's SpecialVocab."""
+definition, cross-checked against llama.cpp's hashes of known tokenizers), SentencePiece from
+tokenizer.model; special tokens, add_bos/add_eos and the chat template through gguf's SpecialVocab."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import gguf
@@ -54,13 +57,45 @@ def _signature(pre: dict | None):
     return (kind, json.dumps(pre, sort_keys=True))
 
 
+@cache
+def _known_hashes() -> tuple[str, dict[str, str]]:
+    """llama.cpp's check text and its table {sha256 of str(token ids): pre-tokenizer name}."""
+    data = json.loads((Path(__file__).resolve().parents[1] / "data" / "bpe_pre_hashes.json").read_text("utf-8"))
+    return data["check_text"], data["hashes"]
+
+
+def llama_cpp_hash(path: Path) -> str | None:
+    """The hash llama.cpp's converter computes for this tokenizer.json (its ids for the check text,
+    special tokens included); None when the `tokenizers` library cannot load the file."""
+    from tokenizers import Tokenizer
+
+    text, _ = _known_hashes()
+    try:
+        ids = Tokenizer.from_file(str(path)).encode(text).ids
+    except Exception as exc:  # noqa: BLE001 - any parse failure only disables the cross-check
+        print(f"warning: {path}: the tokenizers library cannot load it ({exc}); pre-tokenizer not cross-checked",
+              file=sys.stderr)
+        return None
+    return hashlib.sha256(str(ids).encode()).hexdigest()
+
+
 def identify_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
+    """The name llama.cpp knows the tokenizer's pre-tokenizer by. llama.cpp's table of hashes names the
+    tokenizers it has checked (its converter writes that name, and llama.cpp's runtime ties settings
+    to it); any other tokenizer is identified by its definition. Where both apply and disagree (the
+    check text cannot tell some splits apart on some vocabularies), the table wins and we say so."""
     sig = _signature(tokenizer_json.get("pre_tokenizer"))
-    for name, definition in PRE_TOKENIZERS.items():
-        if _signature(definition) == sig:
-            return name
-    raise GgufkitError("unknown BPE pre-tokenizer (not one of: " + ", ".join(PRE_TOKENIZERS) + "): "
-                       + json.dumps(tokenizer_json.get("pre_tokenizer"))[:200], path)
+    by_definition = next((name for name, d in PRE_TOKENIZERS.items() if _signature(d) == sig), None)
+    by_hash = _known_hashes()[1].get(llama_cpp_hash(path))
+    if by_definition and by_hash and by_hash != by_definition:
+        print(f"warning: {path}: the pre-tokenizer's definition is {by_definition}'s, llama.cpp's table knows "
+              f"these tokens as {by_hash}'s: writing {by_hash}", file=sys.stderr)
+    name = by_hash or by_definition
+    if name is None:
+        raise GgufkitError("unknown BPE pre-tokenizer (not one of: " + ", ".join(PRE_TOKENIZERS) + ", nor a "
+                           "tokenizer in llama.cpp's table of hashes): "
+                           + json.dumps(tokenizer_json.get("pre_tokenizer"))[:200], path)
+    return name
 
 
 def _looks_special(text: str) -> bool:

@@ -1,0 +1,70 @@
+"""BPE pre-tokenizer identification: from the tokenizer's own definition, cross-checked against
+llama.cpp's table of hashes (its converter's ids for a check text)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ggufkit.convert import tokenizer
+from ggufkit.errors import GgufkitError
+
+# The GPT-2 split that ByteLevel(use_regex=True) applies, spelled out as a Split step.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+@pytest.fixture
+def smollm2_tokenizer(smollm2_hf, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text((smollm2_hf / "tokenizer.json").read_text(encoding="utf-8"), encoding="utf-8")
+    return path
+
+
+def _with_pre(path, pre):
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    tj["pre_tokenizer"] = pre
+    path.write_text(json.dumps(tj), encoding="utf-8")
+    return tj
+
+
+def test_smollm2_is_llama_cpps_smollm(smollm2_tokenizer):
+    """export-hf's rebuilt tokenizer.json tokenizes the check text as the original SmolLM2 does."""
+    _, table = tokenizer._known_hashes()
+    assert table[tokenizer.llama_cpp_hash(smollm2_tokenizer)] == "smollm"
+    tj = json.loads(smollm2_tokenizer.read_text(encoding="utf-8"))
+    assert tokenizer.identify_pre_tokenizer(tj, smollm2_tokenizer) == "smollm"
+
+
+def test_unfamiliar_definition_named_by_the_hash(smollm2_tokenizer):
+    """The same split written another way: not a definition ggufkit knows, but the tokens are
+    SmolLM2's, so llama.cpp's name for them is used."""
+    tj = _with_pre(smollm2_tokenizer, {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "Split", "pattern": {"Regex": GPT2_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]})
+    assert tokenizer._signature(tj["pre_tokenizer"]) not in [tokenizer._signature(d)
+                                                             for d in tokenizer.PRE_TOKENIZERS.values()]
+    assert tokenizer.identify_pre_tokenizer(tj, smollm2_tokenizer) == "smollm"
+
+
+def test_definition_and_hash_disagree(smollm2_tokenizer, capsys):
+    """SmolLM2's vocabulary has no merges across digits, so plain GPT-2 splitting tokenizes the check
+    text as SmolLM2's own (individual digits) does: llama.cpp's name wins, with a warning."""
+    tj = _with_pre(smollm2_tokenizer, tokenizer.PRE_TOKENIZERS["gpt-2"])
+    assert tokenizer.identify_pre_tokenizer(tj, smollm2_tokenizer) == "smollm"
+    assert "definition is gpt-2's, llama.cpp's table knows these tokens as smollm's" in capsys.readouterr().err
+
+
+def test_definition_alone_when_llama_cpp_does_not_know_the_tokenizer(smollm2_tokenizer):
+    """SmolLM2's vocabulary with Llama 3's split is no tokenizer in llama.cpp's table."""
+    tj = _with_pre(smollm2_tokenizer, tokenizer.PRE_TOKENIZERS["llama-bpe"])
+    assert tokenizer._known_hashes()[1].get(tokenizer.llama_cpp_hash(smollm2_tokenizer)) is None
+    assert tokenizer.identify_pre_tokenizer(tj, smollm2_tokenizer) == "llama-bpe"
+
+
+def test_unloadable_tokenizer_json_is_not_cross_checked(tmp_path, capsys):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"model": {"type": "BPE"}}')
+    assert tokenizer.llama_cpp_hash(path) is None
+    assert "not cross-checked" in capsys.readouterr().err
