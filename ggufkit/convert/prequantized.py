@@ -20,8 +20,9 @@ from ggufkit.kquants.search import signed_absmax
 
 Q = gguf.GGMLQuantizationType
 QK = 32
-# Blocks checked before committing to a whole tensor: a float tensor off the grid fails here, cheaply.
-SAMPLE_BLOCKS = 512
+# Blocks checked before committing to a whole tensor, in stages: a float tensor off the grid fails on
+# its first blocks, after every candidate scale has been tried on just those.
+SAMPLE_BLOCKS = (8, 512)
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,19 @@ GRIDS = {
 }
 
 
-def _fp16_neighbours(d: np.ndarray) -> list[np.ndarray]:
-    """d rounded to fp16 and the fp16 values either side of it, as float32."""
-    h = d.astype(np.float16)
-    bits = h.view(np.uint16)
-    return [h.astype(np.float32), (bits + 1).view(np.float16).astype(np.float32),
-            (bits - 1).view(np.float16).astype(np.float32)]
+# Candidate scales tried per numpy pass, sized so a pass touches about this many elements: every
+# candidate at once on a small sample of blocks, one at a time on a whole tensor (where most blocks
+# fit the first).
+BATCH_ELEMENTS = 1 << 18
+# Added to an fp16 bit pattern: the value, the next one up, the next one down (mod 2**16).
+_NEIGHBOURS = np.array([0, 1, 0xFFFF], np.uint16)
+
+
+def _scales(ext: np.ndarray, flat: np.ndarray, ks: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Candidate scales `cols` of each block, (n, len(cols)) float32. Candidate 3*i + j is fp16(ext / ks[i])
+    for j = 0, then its fp16 neighbours above and below, which absorb the rounding of the original scale."""
+    h = np.where(flat[:, None], np.float32(0), ext[:, None] / ks[cols // 3]).astype(np.float16).view(np.uint16)
+    return (h + _NEIGHBOURS[cols % 3]).view(np.float16).astype(np.float32)
 
 
 def _tolerance(b: np.ndarray, source_dtype: str) -> np.ndarray:
@@ -59,13 +67,15 @@ def _tolerance(b: np.ndarray, source_dtype: str) -> np.ndarray:
 
 
 def _try(b, d, m, grid, tol):
-    """Codes for candidate (d, m) and whether they reproduce every value of each block."""
+    """Codes for each block's candidates d (n, s) (and its min m), and whether they reproduce every
+    value of the block: (ok (n, s), codes (n, s, 32), max error (n, s))."""
+    b, d, m = b[:, None, :], d[:, :, None], m[:, None, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        c = np.rint((b - m[:, None]) / d[:, None]) if grid.affine else np.rint(b / d[:, None])
+        c = np.rint((b - m) / d) if grid.affine else np.rint(b / d)
     c = np.nan_to_num(c, nan=0.0)
-    recon = (d[:, None] * c + m[:, None]) if grid.affine else d[:, None] * c
-    ok = (np.abs(recon - b) <= tol).all(axis=1) & (c >= grid.lo).all(axis=1) & (c <= grid.hi).all(axis=1)
-    return ok & np.isfinite(d), c, np.abs(recon - b).max(axis=1)
+    diff = np.abs(((d * c + m) if grid.affine else d * c) - b)
+    ok = (diff <= tol[:, :, None]).all(axis=-1) & (c >= grid.lo).all(axis=-1) & (c <= grid.hi).all(axis=-1)
+    return ok & np.isfinite(d[..., 0]), c, diff.max(axis=-1)
 
 
 def fit_blocks(b: np.ndarray, qtype, source_dtype: str = "F32"):
@@ -74,7 +84,7 @@ def fit_blocks(b: np.ndarray, qtype, source_dtype: str = "F32"):
     n = len(b)
     tol = _tolerance(b, source_dtype)
     fits = np.zeros(n, bool)
-    d_out, m_out = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    d_out = np.zeros(n, np.float32)
     c_out, err = np.zeros(b.shape, np.float32), np.zeros(n, np.float32)
     if grid.affine:
         m = b.min(axis=1).astype(np.float16).astype(np.float32)
@@ -83,15 +93,19 @@ def fit_blocks(b: np.ndarray, qtype, source_dtype: str = "F32"):
         m = np.zeros(n, np.float32)
         ext = signed_absmax(b)[1 if grid.positive_scale else 0]
     flat = ext == 0  # all-equal (or all-zero) blocks: d = 0, every code at the zero point
-    for k in grid.ks:
-        for d in _fp16_neighbours(np.where(flat, np.float32(0), ext / np.float32(k))):
-            todo = ~fits
-            if not todo.any():
-                break
-            ok, c, e = _try(b[todo], d[todo], m[todo], grid, tol[todo])
-            idx = np.flatnonzero(todo)[ok]
-            fits[idx], d_out[idx], m_out[idx], c_out[idx], err[idx] = True, d[todo][ok], m[todo][ok], c[ok], e[ok]
-    return fits, d_out, m_out, c_out, err
+    ks = np.asarray(grid.ks, np.float32)
+    j, candidates = 0, 3 * len(ks)
+    while j < candidates and not fits.all():
+        todo = np.flatnonzero(~fits)
+        cols = np.arange(j, min(candidates, j + max(1, BATCH_ELEMENTS // (len(todo) * QK))))
+        d = _scales(ext[todo], flat[todo], ks, cols)
+        ok, c, e = _try(b[todo], d, m[todo], grid, tol[todo])
+        hit = ok.any(axis=1)
+        first = ok.argmax(axis=1)[hit]  # candidates are in order of preference
+        idx = todo[hit]
+        fits[idx], d_out[idx], c_out[idx], err[idx] = True, d[hit, first], c[hit, first], e[hit, first]
+        j += len(cols)
+    return fits, d_out, np.where(fits, m, np.float32(0)), c_out, err
 
 
 def _pack(rows: np.ndarray, qtype, d, m, c) -> np.ndarray:
@@ -120,7 +134,7 @@ def fit_grid(x: np.ndarray, qtype, source_dtype: str = "F32") -> GridFit | None:
     if x.shape[-1] % QK:
         return None
     b = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK)
-    if not fit_blocks(b[:SAMPLE_BLOCKS], qtype, source_dtype)[0].all():
+    if not all(fit_blocks(b[:n], qtype, source_dtype)[0].all() for n in SAMPLE_BLOCKS):
         return None
     fits, d, m, c, err = fit_blocks(b, qtype, source_dtype)
     if not fits.all():
