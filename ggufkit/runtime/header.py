@@ -81,8 +81,16 @@ class _Cursor:
     def string(self) -> str:
         return self.take(self.unpack("<Q")).decode("utf-8", errors="replace")
 
-    def skip_string(self) -> None:
-        self.take(self.unpack("<Q"))
+    def skip_strings(self, n: int) -> None:
+        """Step over n strings: a tight loop, as a 150k-entry vocabulary is walked on every load."""
+        buf, pos, end, u64 = self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from
+        for _ in range(n):
+            if pos + 8 > end:
+                raise _Truncated
+            pos += 8 + u64(buf, pos)[0]
+        if pos > end:
+            raise _Truncated
+        self.pos = pos
 
 
 def _value(cur: _Cursor, vtype: GGUFValueType, arrays: bool):
@@ -96,8 +104,7 @@ def _value(cur: _Cursor, vtype: GGUFValueType, arrays: bool):
         if etype == GGUFValueType.STRING and arrays:
             return [cur.string() for _ in range(length)], etype
         if etype == GGUFValueType.STRING:
-            for _ in range(length):
-                cur.skip_string()
+            cur.skip_strings(length)
             return ArrayInfo(etype, length), etype
         fmt = _SCALAR[etype]
         raw = cur.take(length * struct.calcsize(fmt))

@@ -8,6 +8,7 @@ several windows they are decoded together as parallel sequences, as llama-perple
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -82,10 +83,17 @@ def scored_logits(session: Session, windows: np.ndarray, n_batch: int,
                 progress.update()
 
 
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row, with llama.cpp's precision (float exp, double sums)."""
+def token_nll(logits: np.ndarray, targets: np.ndarray, threads: int = 1) -> np.ndarray:
+    """-log softmax(logits)[target] per row, with llama.cpp's precision (float exp, double sums).
+    Rows are split over `threads` (numpy releases the GIL), as llama-perplexity splits them."""
+    if threads > 1 and len(logits) >= 2 * threads:
+        edges = np.linspace(0, len(logits), threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            return np.concatenate(list(pool.map(lambda a, b: token_nll(logits[a:b], targets[a:b]),
+                                                edges[:-1], edges[1:])))
     peak = logits.max(axis=1)
-    log_sum = np.log(np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
+    shifted = logits - peak[:, None]
+    log_sum = np.log(np.exp(shifted, out=shifted).sum(axis=1, dtype=np.float64))
     picked = logits[np.arange(len(targets)), targets] - peak
     return log_sum - picked.astype(np.float64)
 
@@ -119,7 +127,7 @@ def perplexity(model, text, ctx: int = DEFAULT_CTX, chunks: int | None = None, b
         total = total_sq = 0.0
         count = 0
         for logits, targets in scored_logits(session, windows, n_batch, "perplexity"):
-            nll = token_nll(logits, targets)
+            nll = token_nll(logits, targets, session.threads)
             total, total_sq, count = total + nll.sum(), total_sq + (nll * nll).sum(), count + len(nll)
     mean, stderr = mean_and_stderr(total, total_sq, count)
     ppl = float(np.exp(mean))
