@@ -21,9 +21,10 @@ def smollm2_tokenizer(smollm2_hf, tmp_path):
     return path
 
 
-def _with_pre(path, pre):
+def _with_pre(path, pre, ignore_merges=False):
     tj = json.loads(path.read_text(encoding="utf-8"))
     tj["pre_tokenizer"] = pre
+    tj["model"]["ignore_merges"] = ignore_merges
     path.write_text(json.dumps(tj), encoding="utf-8")
     return tj
 
@@ -43,8 +44,8 @@ def test_unfamiliar_definition_named_by_the_hash(smollm2_tokenizer):
         {"type": "Digits", "individual_digits": True},
         {"type": "Split", "pattern": {"Regex": GPT2_REGEX}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]})
-    assert tokenizer._signature(tj["pre_tokenizer"]) not in [tokenizer._signature(d)
-                                                             for d in tokenizer.PRE_TOKENIZERS.values()]
+    assert tokenizer._signature(tj) not in [tokenizer._signature(tokenizer.definition(name))
+                                            for name in tokenizer.PRE_TOKENIZERS]
     assert tokenizer.identify_pre_tokenizer(tj, smollm2_tokenizer) == "smollm"
 
 
@@ -58,9 +59,12 @@ def test_definition_and_hash_disagree(smollm2_tokenizer, capsys):
 
 def test_definition_alone_when_llama_cpp_does_not_know_the_tokenizer(smollm2_tokenizer):
     """SmolLM2's vocabulary with Llama 3's split is no tokenizer in llama.cpp's table."""
-    tj = _with_pre(smollm2_tokenizer, tokenizer.PRE_TOKENIZERS["llama-bpe"])
+    tj = _with_pre(smollm2_tokenizer, tokenizer.PRE_TOKENIZERS["llama-bpe"], ignore_merges=True)
     assert tokenizer._known_hashes()[1].get(tokenizer.llama_cpp_hash(smollm2_tokenizer)) is None
     assert tokenizer.identify_pre_tokenizer(tj, smollm2_tokenizer) == "llama-bpe"
+    # the same split without Llama 3's whole-word lookup is Smaug's
+    tj = _with_pre(smollm2_tokenizer, tokenizer.PRE_TOKENIZERS["llama-bpe"], ignore_merges=False)
+    assert tokenizer.identify_pre_tokenizer(tj, smollm2_tokenizer) == "smaug-bpe"
 
 
 def test_unloadable_tokenizer_json_is_not_cross_checked(tmp_path, capsys):

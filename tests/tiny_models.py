@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, vocab_size=49152,
@@ -46,5 +46,6 @@ def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: 
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(folder, safe_serialization=True)
     for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_src / name, folder / name)
+        if (tokenizer_src / name).is_file():
+            shutil.copy(tokenizer_src / name, folder / name)
     return folder

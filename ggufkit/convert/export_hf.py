@@ -14,7 +14,7 @@ import numpy as np
 
 from ggufkit.convert.families import family_for_gguf_arch
 from ggufkit.convert.safetensors_out import write_safetensors
-from ggufkit.convert.tokenizer import PRE_TOKENIZERS
+from ggufkit.convert.tokenizer import PRE_TOKENIZERS, definition
 from ggufkit.errors import GgufkitError
 from ggufkit.progress import bar
 from ggufkit.runtime.header import read_header, tensor_data
@@ -53,16 +53,52 @@ def _bpe_model(vocab: dict, merges: list, **options) -> dict:
             "vocab": vocab, "merges": merges, **options}
 
 
+def _adds(kv: dict, role: str) -> bool:
+    """Whether llama.cpp adds BOS/EOS: the GGUF's flag, else its default for the vocabulary
+    (SentencePiece and Llama 3's BPE add BOS)."""
+    key = f"tokenizer.ggml.add_{role}_token"
+    if key in kv:
+        return bool(kv[key])
+    return role == "bos" and (kv.get("tokenizer.ggml.model") == "llama" or kv.get("tokenizer.ggml.pre") == "llama-bpe")
+
+
+def _added_specials(kv: dict):
+    """The post-processor that adds BOS/EOS as llama.cpp does (add_bos_token / add_eos_token), or
+    None: encode() with special tokens then gives llama.cpp's ids, which its table of tokenizer
+    hashes relies on (Llama 3's BOS is what tells it from Smaug's copy)."""
+    tokens = kv["tokenizer.ggml.tokens"]
+    ends = {role: kv.get(f"tokenizer.ggml.{role}_token_id") for role in ("bos", "eos") if _adds(kv, role)}
+    ends = {role: i for role, i in ends.items() if i is not None}
+    if not ends:
+        return None
+
+    def template(*seqs):
+        items = [{"SpecialToken": {"id": tokens[ends["bos"]], "type_id": 0}}] if "bos" in ends else []
+        for k, seq in enumerate(seqs):
+            items.append({"Sequence": {"id": seq, "type_id": k}})
+            if "eos" in ends:
+                items.append({"SpecialToken": {"id": tokens[ends["eos"]], "type_id": k}})
+        return items
+
+    return {"type": "TemplateProcessing", "single": template("A"), "pair": template("A", "B"),
+            "special_tokens": {tokens[i]: {"id": tokens[i], "ids": [i], "tokens": [tokens[i]]}
+                               for i in ends.values()}}
+
+
 def _byte_level_tokenizer_json(kv: dict) -> dict:
     tokens = kv["tokenizer.ggml.tokens"]
     pre = kv.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
         raise GgufkitError(f"cannot export BPE pre-tokenizer {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
+    parts = definition(pre)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    specials = _added_specials(kv)
     return _tokenizer_json(
-        kv, normalizer=None, pre_tokenizer=PRE_TOKENIZERS[pre],
-        post_processor={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        kv, normalizer=None, pre_tokenizer=parts["pre_tokenizer"],
+        post_processor={"type": "Sequence", "processors": [byte_level, specials]} if specials else byte_level,
         decoder={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        model=_bpe_model({t: i for i, t in enumerate(tokens)}, list(kv.get("tokenizer.ggml.merges", []))))
+        model=_bpe_model({t: i for i, t in enumerate(tokens)}, list(kv.get("tokenizer.ggml.merges", [])),
+                         **parts["model"]))
 
 
 def _score_merges(tokens: list[str], scores) -> list[list[str]]:
@@ -94,7 +130,7 @@ def _sentencepiece_tokenizer_json(kv: dict) -> dict:
         normalizer = space
     unk = kv.get("tokenizer.ggml.unknown_token_id")
     return _tokenizer_json(
-        kv, normalizer=normalizer, pre_tokenizer=None, post_processor=None,
+        kv, normalizer=normalizer, pre_tokenizer=None, post_processor=_added_specials(kv),
         decoder={"type": "Sequence", "decoders": decode},
         model=_bpe_model({t: i for i, t in enumerate(tokens)}, _score_merges(tokens, kv["tokenizer.ggml.scores"]),
                          unk_token=tokens[unk] if unk is not None else None, fuse_unk=True,
@@ -108,13 +144,17 @@ def _sentencepiece_model(kv: dict) -> bytes:
     except ImportError:
         raise GgufkitError("exporting a SentencePiece vocabulary needs the 'sentencepiece' package") from None
     kinds = {T.NORMAL: 1, T.UNKNOWN: 2, T.CONTROL: 3, T.USER_DEFINED: 4, T.BYTE: 6, T.UNUSED: 5}
+    unk = kv.get("tokenizer.ggml.unknown_token_id", 0)
     proto = pb.ModelProto()
-    for piece, score, typ in zip(kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.scores"], kv["tokenizer.ggml.token_type"]):
-        proto.pieces.add(piece=piece, score=score, type=kinds.get(typ, 1))
+    for i, (piece, score, typ) in enumerate(zip(kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.scores"],
+                                                 kv["tokenizer.ggml.token_type"])):
+        # SentencePiece allows one unknown piece; llama.cpp also types some padding tokens UNKNOWN
+        kind = kinds.get(typ, 1) if typ != T.UNKNOWN or i == unk else kinds[T.UNUSED]
+        proto.pieces.add(piece=piece, score=score, type=kind)
     proto.trainer_spec.model_type = 2  # BPE, as llama.cpp's "llama" tokenizer merges by score
     proto.trainer_spec.vocab_size = len(proto.pieces)
     proto.trainer_spec.byte_fallback = any(t == T.BYTE for t in kv["tokenizer.ggml.token_type"])
-    proto.trainer_spec.unk_id = kv.get("tokenizer.ggml.unknown_token_id", 0)
+    proto.trainer_spec.unk_id = unk
     proto.trainer_spec.bos_id = kv.get("tokenizer.ggml.bos_token_id", -1)
     proto.trainer_spec.eos_id = kv.get("tokenizer.ggml.eos_token_id", -1)
     proto.trainer_spec.pad_id = kv.get("tokenizer.ggml.padding_token_id", -1)
@@ -136,8 +176,7 @@ def write_tokenizer(folder: Path, kv: dict) -> None:
     model = kv.get("tokenizer.ggml.model")
     ids = _special_ids(kv)
     cfg = {"model_max_length": 1 << 30,
-           "add_bos_token": bool(kv.get("tokenizer.ggml.add_bos_token", False)),
-           "add_eos_token": bool(kv.get("tokenizer.ggml.add_eos_token", False)),
+           "add_bos_token": _adds(kv, "bos"), "add_eos_token": _adds(kv, "eos"),
            "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                              "single_word": False, "special": types[i] == T.CONTROL}
                                     for i, t in enumerate(tokens) if types[i] in (T.CONTROL, T.USER_DEFINED)},

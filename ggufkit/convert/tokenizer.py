@@ -34,19 +34,24 @@ PRE_TOKENIZERS: dict[str, dict] = {
     "gpt-2": _BYTE_LEVEL,
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
     "llama-bpe": _split_then_bytes(_LLAMA3_REGEX),
+    "smaug-bpe": _split_then_bytes(_LLAMA3_REGEX),
     "qwen2": _split_then_bytes(_QWEN2_REGEX),
 }
+# Pre-tokenizers whose BPE model takes a whole word found in the vocabulary before merging
+# (tokenizer.json's model.ignore_merges; llama.cpp ties the flag to the name). It is what tells
+# Llama 3 (llama-bpe) from Smaug's copy of its split (smaug-bpe).
+IGNORE_MERGES = {"llama-bpe"}
 
 
-def _signature(pre: dict | None):
+def _pre_signature(pre: dict | None):
     """What decides the split: step types, regexes and digit handling (not offsets bookkeeping)."""
     if pre is None:
         return None
     if pre.get("type") == "Sequence":
         steps = pre.get("pretokenizers", [])
         if len(steps) == 1:
-            return _signature(steps[0])
-        return ("Sequence", tuple(_signature(p) for p in steps))
+            return _pre_signature(steps[0])
+        return ("Sequence", tuple(_pre_signature(p) for p in steps))
     kind = pre.get("type")
     if kind == "ByteLevel":
         return (kind, bool(pre.get("add_prefix_space")), pre.get("use_regex", True))
@@ -55,6 +60,16 @@ def _signature(pre: dict | None):
     if kind == "Digits":
         return (kind, pre.get("individual_digits", False))
     return (kind, json.dumps(pre, sort_keys=True))
+
+
+def _signature(tokenizer_json: dict):
+    return (_pre_signature(tokenizer_json.get("pre_tokenizer")),
+            bool(tokenizer_json.get("model", {}).get("ignore_merges", False)))
+
+
+def definition(name: str) -> dict:
+    """The tokenizer.json parts a llama.cpp pre-tokenizer name stands for."""
+    return {"pre_tokenizer": PRE_TOKENIZERS[name], "model": {"ignore_merges": name in IGNORE_MERGES}}
 
 
 @cache
@@ -84,8 +99,8 @@ def identify_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
     tokenizers it has checked (its converter writes that name, and llama.cpp's runtime ties settings
     to it); any other tokenizer is identified by its definition. Where both apply and disagree (the
     check text cannot tell some splits apart on some vocabularies), the table wins and we say so."""
-    sig = _signature(tokenizer_json.get("pre_tokenizer"))
-    by_definition = next((name for name, d in PRE_TOKENIZERS.items() if _signature(d) == sig), None)
+    sig = _signature(tokenizer_json)
+    by_definition = next((name for name in PRE_TOKENIZERS if _signature(definition(name)) == sig), None)
     by_hash = _known_hashes()[1].get(llama_cpp_hash(path))
     if by_definition and by_hash and by_hash != by_definition:
         print(f"warning: {path}: the pre-tokenizer's definition is {by_definition}'s, llama.cpp's table knows "

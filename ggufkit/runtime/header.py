@@ -165,8 +165,9 @@ def read_header(path, arrays: bool = False) -> GgufHeader:
                                path) from None
         except (ValueError, UnicodeDecodeError, struct.error) as exc:  # unknown enum values, bad sizes
             raise GgufkitError(f"corrupt GGUF header: {exc}", path) from None
+    # a tensor-less file (a vocabulary-only GGUF) may end before the data section's alignment padding
     needed = header.data_offset + max((t.offset + t.n_bytes for t in header.tensors), default=0)
-    if needed > size:
+    if header.tensors and needed > size:
         raise GgufkitError(f"truncated GGUF: {size} bytes, but its tensors need {needed}", path)
     return header
 
