@@ -29,6 +29,20 @@ def _kv(reader: gguf.GGUFReader) -> dict:
 
 @pytest.mark.parametrize("out_type", TYPES)
 def test_same_metadata_and_tensor_bytes_as_llama_cpp(checkpoint, out_type, tmp_path):
+    assert_converts_like_llama_cpp(checkpoint, out_type, tmp_path)
+
+
+@pytest.mark.parametrize("out_type", ["F32", "Q8_0"])
+def test_gemma3_image_text_checkpoint_converts_its_text_model(gemma3_hf, out_type, tmp_path):
+    """Gemma 3's 4B/12B/27B checkpoints wrap the text model (language_model.*) with a vision tower:
+    a tiny one built by transformers converts as llama.cpp's converter converts it."""
+    from tests import tiny_models
+
+    ckpt = tiny_models.build("gemma3-multimodal", tmp_path / "hf", gemma3_hf, vocab_size=262144)
+    assert_converts_like_llama_cpp(ckpt, out_type, tmp_path)
+
+
+def assert_converts_like_llama_cpp(checkpoint, out_type, tmp_path):
     from ggufkit.convert.pipeline import convert
 
     ours = gguf.GGUFReader(convert(checkpoint, tmp_path / "ours.gguf", out_type=out_type))

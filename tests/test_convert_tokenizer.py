@@ -8,7 +8,6 @@ import json
 import pytest
 
 from ggufkit.convert import tokenizer
-from ggufkit.errors import GgufkitError
 
 # The GPT-2 split that ByteLevel(use_regex=True) applies, spelled out as a Split step.
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"

@@ -25,14 +25,22 @@ CONFIGS = {
                dict(head_dim=32, sliding_window=64, query_pre_attn_scalar=32, tie_word_embeddings=True,
                     num_key_value_heads=1, rope_scaling=None)),
 }
+# not in CONFIGS: transformers' generate() needs pixel inputs for it; tested against llama.cpp's converter
+GEMMA3_MULTIMODAL = ("Gemma3TextConfig", "Gemma3ForConditionalGeneration", CONFIGS["gemma3"][2])
 
 
 def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
     import torch
     import transformers
 
-    cfg_cls, model_cls, extra = CONFIGS[family]
+    cfg_cls, model_cls, extra = GEMMA3_MULTIMODAL if family == "gemma3-multimodal" else CONFIGS[family]
     config = getattr(transformers, cfg_cls)(**{**_COMMON, **extra, **overrides})
+    if family == "gemma3-multimodal":
+        # the text model above inside Gemma 3's image-text wrapper, with a minimal vision tower
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=32, patch_size=8)
+        config = transformers.Gemma3Config(text_config=config.to_dict(), vision_config=vision,
+                                           mm_tokens_per_image=4)
     config.architectures = [model_cls]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)

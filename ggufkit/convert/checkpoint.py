@@ -84,6 +84,11 @@ class Checkpoint:
     packed: dict[str, tuple] = field(default_factory=dict)
     _cache: tuple = (None, None)  # the last dequantized packed layer, read in row chunks
 
+    def rename(self, fn) -> None:
+        """Key tensors by fn(name), dropping those it maps to None (parts the output leaves out)."""
+        self.tensors = {new: t for name, t in self.tensors.items() if (new := fn(name)) is not None}
+        self.packed = {new: p for name, p in self.packed.items() if (new := fn(name)) is not None}
+
     def _read(self, info: TensorInfo) -> np.ndarray:
         with open(info.file, "rb") as f:
             f.seek(info.start)

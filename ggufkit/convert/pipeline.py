@@ -186,6 +186,7 @@ def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinit
     imat = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     ckpt = open_checkpoint(src)
     fam = family_for(ckpt.config, ckpt.root / "config.json")
+    ckpt.rename(fam.checkpoint_name)
     vocab = load_vocab(ckpt.root, fam.config["vocab_size"])
     tensors = plan(ckpt, fam, out_type, len(vocab.tokens), has_imatrix=imat is not None, qat=qat)
     weights = {}

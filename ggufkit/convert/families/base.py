@@ -124,6 +124,11 @@ class Family:
             out["lm_head.weight"] = (c["vocab_size"], d)
         return out
 
+    def checkpoint_name(self, name: str) -> str | None:
+        """The language model's name for a checkpoint tensor, or None for a tensor of another part
+        (a vision tower) that the text GGUF leaves out."""
+        return name
+
     def ignored(self, hf_name: str) -> bool:
         """Checkpoint entries that carry no weights for llama.cpp (recomputed buffers)."""
         return hf_name.endswith("rotary_emb.inv_freq")

@@ -46,3 +46,22 @@ class Gemma3(Family):
                    query_pre_attn_scalar=kv.get(f"{a}.attention.key_length", 256),
                    rope_local_base_freq=kv.get(f"{a}.rope.freq_base_swa", 10000.0))
         return cfg
+
+
+@register("Gemma3ForConditionalGeneration")
+class Gemma3Multimodal(Gemma3):
+    """Gemma 3's image-text checkpoints (4B, 12B, 27B): the text model, as llama.cpp converts it (the
+    vision tower and projector belong in a separate mmproj file). Its tensors sit under
+    language_model.model. (Google's release) or model.language_model. (later transformers)."""
+
+    PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                "language_model.lm_head.": "lm_head."}
+    OTHER_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+    def checkpoint_name(self, name: str) -> str | None:
+        if name.startswith(self.OTHER_PARTS):
+            return None
+        for prefix, text in self.PREFIXES.items():
+            if name.startswith(prefix):
+                return text + name[len(prefix):]
+        return name
