@@ -1,3 +1,5 @@
 from ggufkit.cli import main
 
-raise SystemExit(main())
+# guarded: worker processes (kquants) import the main module under another name
+if __name__ == "__main__":
+    raise SystemExit(main())

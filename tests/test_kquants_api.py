@@ -85,3 +85,21 @@ def test_encode_keeps_leading_dims_and_dequantize_inverts_shape():
 def test_encode_float_types_use_ggml_rounding():
     x = gauss(2, 64)
     np.testing.assert_array_equal(encode(x, T.F16), ggml_quantize(x, T.F16))
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.IQ4_XS])
+def test_worker_processes_and_threads_give_ggmls_bytes(qtype, monkeypatch):
+    """Many chunks: quantized on the worker processes (in several rounds through a shared buffer
+    that is replaced when a larger one is needed), and on threads where processes are off."""
+    monkeypatch.setattr(api, "THREADS", 2)
+    monkeypatch.setattr(api, "SHARED_BYTES", 1 << 20)
+    rng = np.random.default_rng(3)
+    imatrix = rng.exponential(size=2048).astype(np.float32)
+    for rows in (300, 700):  # the second needs more than the first's buffers hold
+        x = gauss(rows, 2048 if rows == 700 else 1024)
+        im = imatrix[: x.shape[1]]
+        ours = quantize(x, qtype, im)
+        assert api._use_processes, "the worker processes failed"
+        np.testing.assert_array_equal(ours, ggml_quantize(x, qtype, im))
+    monkeypatch.setattr(api, "_use_processes", False)
+    np.testing.assert_array_equal(quantize(x, qtype, im), ours)
