@@ -5,22 +5,51 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import threading
 import time
 
 
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (Linux /proc), MB; 0 where unreadable."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total / 2**20
+
+
 def run_measured(cmd: list[str], **kwargs) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of a child process; raises if it fails."""
+    """(wall seconds, peak RSS in MB) of a child process; raises if it fails. The peak is the larger
+    of the child's own (wait4) and its process tree's summed RSS sampled every 20 ms (ggufkit's
+    quantizing worker processes run beside the main one)."""
     # stderr goes to a file: llama.cpp's tools log more than a pipe holds, and the pipe is read
     # only after the child exits (wait4 is what gives this child's own peak RSS)
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, **kwargs)
+        tree_peak, done = [0.0], threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.02):
+                tree_peak[0] = max(tree_peak[0], _tree_rss_mb(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        done.set()
+        sampler.join()
         if os.waitstatus_to_exitcode(status) != 0:
             err.seek(0)
             raise RuntimeError(f"{cmd[:3]} failed: {err.read().decode(errors='replace')[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, max(usage.ru_maxrss / 1024, tree_peak[0])
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
