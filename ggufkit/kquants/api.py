@@ -181,10 +181,20 @@ class _Workers:
                 out[r0:r0 + n] = np.ndarray((n, out.shape[1]), np.uint8, shm_out.buf)
 
 
+# ggml's plain formulas (no search): a few numpy passes per chunk, which threads scale as they are;
+# the copies through the workers' buffer would cost more than they save.
+LEGACY = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
+          GGMLQuantizationType.Q5_1)
+
+
+def _light(qt: GGMLQuantizationType, imatrix) -> bool:
+    return qt == GGMLQuantizationType.Q8_0 or (imatrix is None and qt in LEGACY)
+
+
 def _in_processes(qt, x: np.ndarray, imatrix, out: np.ndarray) -> bool:
-    """Quantize on the worker processes; False (nothing done) where they cannot run."""
+    """Quantize on the worker processes; False (nothing done) for light work or where they cannot run."""
     global _workers, _use_processes
-    if not _use_processes or THREADS < 2:
+    if not _use_processes or THREADS < 2 or _light(qt, imatrix):
         return False
     try:
         if _workers is None:
