@@ -3,7 +3,7 @@
 For every registered type, without and with an imatrix, on a 4096x4096 Gaussian matrix and on a real
 weight matrix (Gemma 3 270M blk.0.ffn_down, 640x2048, dequantized from its GGUF). ggml runs with one
 thread per core over row chunks (ctypes releases the GIL); ours runs as the library does (chunks of
-rows on api.THREADS threads, one per core). Times are the best of --repeat runs. `identical` is the fraction of rows whose bytes match.
+rows on api.THREADS worker processes, one per core, as the CLI runs them). Times are the best of --repeat runs. `identical` is the fraction of rows whose bytes match.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from gguf.quants import dequantize
 
-from ggufkit.kquants import qtype_of, quantize, supported_types
+from ggufkit.kquants import qtype_of, quantize, supported_types, worker_processes
 from ggufkit.models import GEMMA3, fetch
 from ggufkit.runtime.header import read_header, tensor_data
 from tests.reference import ggml_lib, ggml_quantize
@@ -85,6 +85,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=2, help="runs per measurement, best kept (default 2)")
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     args = p.parse_args(argv)
+    worker_processes()  # as the CLI runs them
     types = [qtype_of(t) for t in args.types] if args.types else supported_types()
     if not args.json:
         print(f"{'type':8} {'data':16} {'imatrix':7} {'ours_s':>9} {'ggml_s':>9} {'ratio':>7} {'identical':>10}")

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ggufkit.kquants.api import worker_processes
+
+    worker_processes()  # the console script and `python -m ggufkit` guard their main module
     try:
         result = args.func(args)
     except GgufkitError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gguf
 import pytest
 
+from tests import tiny_models
 from tests.reference import hf_to_gguf
 
 pytest.importorskip("torch")
@@ -36,10 +37,21 @@ def test_same_metadata_and_tensor_bytes_as_llama_cpp(checkpoint, out_type, tmp_p
 def test_gemma3_image_text_checkpoint_converts_its_text_model(gemma3_hf, out_type, tmp_path):
     """Gemma 3's 4B/12B/27B checkpoints wrap the text model (language_model.*) with a vision tower:
     a tiny one built by transformers converts as llama.cpp's converter converts it."""
-    from tests import tiny_models
-
     ckpt = tiny_models.build("gemma3-multimodal", tmp_path / "hf", gemma3_hf, vocab_size=262144)
     assert_converts_like_llama_cpp(ckpt, out_type, tmp_path)
+
+
+@pytest.mark.parametrize("family", sorted(tiny_models.CONFIGS))
+def test_every_family_converts_like_llama_cpp(family, smollm2_hf, tmp_path):
+    """Tiny checkpoints of each supported family (transformers' own configs and tensor names): the
+    same metadata and tensors as llama.cpp's converter writes. Qwen's carry Qwen2's real vocabulary
+    (llama.cpp's converter does not take SmolLM2's tokenizer for them), the others SmolLM2's."""
+    overrides, tokenizer = {}, smollm2_hf
+    if family.startswith("qwen"):
+        tokenizer = tmp_path / "qwen2-vocab"
+        overrides["vocab_size"] = len(tiny_models.llama_cpp_vocab("qwen2", tokenizer)["tokenizer.ggml.tokens"])
+    ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides)
+    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
 
 
 def assert_converts_like_llama_cpp(checkpoint, out_type, tmp_path):

@@ -37,13 +37,8 @@ def _cases(name: str) -> list[tuple[str, list[int]]]:
 @pytest.fixture(scope="module", params=sorted(VOCABS))
 def exported(request, tmp_path_factory):
     """(vocabulary name, folder with the tokenizer files export-hf writes for it, its GGUF metadata)."""
-    from ggufkit.convert.export_hf import write_tokenizer
-    from ggufkit.runtime.header import read_header
-
-    kv = read_header(_vocab_file(request.param), arrays=True).metadata
     folder = tmp_path_factory.mktemp(request.param)
-    write_tokenizer(folder, kv)
-    return request.param, folder, kv
+    return request.param, folder, tiny_models.llama_cpp_vocab(request.param, folder)
 
 
 def test_exported_tokenizer_json_gives_the_reference_ids(exported):

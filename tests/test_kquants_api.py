@@ -93,6 +93,7 @@ def test_worker_processes_and_threads_give_ggmls_bytes(qtype, monkeypatch):
     that is replaced when a larger one is needed), and on threads where processes are off."""
     monkeypatch.setattr(api, "THREADS", 2)
     monkeypatch.setattr(api, "SHARED_BYTES", 1 << 20)
+    monkeypatch.setattr(api, "_use_processes", True)  # as the CLI sets it (worker_processes())
     rng = np.random.default_rng(3)
     imatrix = rng.exponential(size=2048).astype(np.float32)
     for rows in (300, 700):  # the second needs more than the first's buffers hold

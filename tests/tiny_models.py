@@ -57,3 +57,16 @@ def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: 
         if (tokenizer_src / name).is_file():
             shutil.copy(tokenizer_src / name, folder / name)
     return folder
+
+
+def llama_cpp_vocab(name: str, folder: Path) -> dict:
+    """Tokenizer files (export-hf's) for one of the real vocabularies llama.cpp's source ships for its
+    tokenizer tests (models/ggml-vocab-<name>.gguf) written into `folder`; returns its GGUF metadata."""
+    from ggufkit.convert.export_hf import write_tokenizer
+    from ggufkit.runtime.header import read_header
+    from tests.reference import llama_cpp_source
+
+    kv = read_header(llama_cpp_source() / "models" / f"ggml-vocab-{name}.gguf", arrays=True).metadata
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(folder, kv)
+    return kv
