@@ -1,5 +1,5 @@
-"""`ggufkit bench` vs llama-bench and `ggufkit perplexity` vs llama-perplexity on the same GGUF and
-threads, plus generation speed against the memory-bandwidth bound (each generated token reads every
+"""`ggufkit bench` vs llama-bench and `ggufkit perplexity` vs llama-perplexity on the same GGUF,
+threads and llama.cpp build (ggufkit runs on the tools' libllama through LLAMA_CPP_LIB_PATH), plus generation speed against the memory-bandwidth bound (each generated token reads every
 weight once, so tg t/s x weight bytes cannot exceed the machine's copy bandwidth).
 
     python -m benchmarks.runtime_speed [--model smollm2|gemma3 | --file X.gguf] [--threads 2] [--chunks 4] [--json]
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +19,6 @@ import numpy as np
 
 from benchmarks.common import run_measured, table
 from ggufkit import models
-from ggufkit.runtime.bench import bench
 from ggufkit.runtime.header import read_header
 from tests.reference import llama_tools
 
@@ -54,25 +54,30 @@ def main() -> None:
     model = Path(args.file) if args.file else models.fetch(models.MODELS[args.model])
     perplexity_exe, bench_exe = llama_tools("llama-perplexity", "llama-bench")
 
-    ours = bench(model, 512, 128, args.reps, threads=args.threads)
+    # ggufkit on the very build the tools were compiled as (llama-cpp-python's LLAMA_CPP_LIB_PATH):
+    # its own wheel's libllama, compiled by pip with other flags, was ~3% slower on decode alone
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(bench_exe.parent)}
+    ours = json.loads(subprocess.run(
+        [sys.executable, "-m", "ggufkit", "bench", str(model), "-p", "512", "-n", "128", "-r", str(args.reps),
+         "-t", str(args.threads), "--json"], env=env, capture_output=True, text=True, check=True).stdout)
     ref = llama_bench(bench_exe, model, args.threads, 512, 128, args.reps)
     ppl_cmd = ["--chunks", str(args.chunks), "-t", str(args.threads), "-c", "512"]
     ours_ppl, _ = run_measured([sys.executable, "-m", "ggufkit", "perplexity", str(model), "--text", args.text,
-                                *ppl_cmd])
+                                *ppl_cmd], env=env)
     ref_ppl, _ = run_measured([str(perplexity_exe), "-m", str(model), "-f", args.text, *ppl_cmd])
     weight_bytes = sum(t.n_bytes for t in read_header(model).tensors)
     bandwidth = copy_bandwidth()
 
     rows = [
-        {"measure": "pp512 t/s", "ggufkit": f"{ours.pp_tps:.1f} ± {ours.pp_tps_sd:.1f}",
+        {"measure": "pp512 t/s", "ggufkit": f"{ours['pp_tps']:.1f} ± {ours['pp_tps_sd']:.1f}",
          "llama.cpp": f"{ref['pp']['avg_ts']:.1f} ± {ref['pp']['stddev_ts']:.1f}",
-         "ratio": f"{ours.pp_tps / ref['pp']['avg_ts']:.3f}"},
-        {"measure": "tg128 t/s", "ggufkit": f"{ours.tg_tps:.1f} ± {ours.tg_tps_sd:.1f}",
+         "ratio": f"{ours['pp_tps'] / ref['pp']['avg_ts']:.3f}"},
+        {"measure": "tg128 t/s", "ggufkit": f"{ours['tg_tps']:.1f} ± {ours['tg_tps_sd']:.1f}",
          "llama.cpp": f"{ref['tg']['avg_ts']:.1f} ± {ref['tg']['stddev_ts']:.1f}",
-         "ratio": f"{ours.tg_tps / ref['tg']['avg_ts']:.3f}"},
+         "ratio": f"{ours['tg_tps'] / ref['tg']['avg_ts']:.3f}"},
         {"measure": f"perplexity wall s ({args.chunks}x512)", "ggufkit": f"{ours_ppl:.1f}",
          "llama.cpp": f"{ref_ppl:.1f}", "ratio": f"{ours_ppl / ref_ppl:.3f}"},
-        {"measure": "tg x weight bytes / copy bandwidth", "ggufkit": f"{ours.tg_tps * weight_bytes / bandwidth:.3f}",
+        {"measure": "tg x weight bytes / copy bandwidth", "ggufkit": f"{ours['tg_tps'] * weight_bytes / bandwidth:.3f}",
          "llama.cpp": f"{ref['tg']['avg_ts'] * weight_bytes / bandwidth:.3f}", "ratio": ""},
     ]
     if args.json:

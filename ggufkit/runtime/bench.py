@@ -11,13 +11,12 @@ import functools
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ggufkit.errors import GgufkitError
 from ggufkit.progress import bar
-from ggufkit.runtime.load import Session
+from ggufkit.runtime.load import Session, ggml_library
 
 DEFAULT_BATCH = 2048
 DEFAULT_UBATCH = 512
@@ -26,9 +25,7 @@ DEFAULT_UBATCH = 512
 @functools.lru_cache(maxsize=None)
 def backend() -> str:
     """llama-bench's backend column: the non-CPU ggml backends compiled in, else CPU."""
-    import llama_cpp
-
-    ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
+    ggml = ggml_library("libggml.so")
     ggml.ggml_backend_reg_get.restype = ctypes.c_void_p
     ggml.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
     ggml.ggml_backend_reg_name.restype = ctypes.c_char_p

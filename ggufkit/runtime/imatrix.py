@@ -24,7 +24,7 @@ from ggufkit.convert.writer import refuse_overwrite
 from ggufkit.errors import GgufkitError
 from ggufkit.kquants.imatrix import Entry, Imatrix, write_imatrix
 from ggufkit.progress import bar
-from ggufkit.runtime.load import Session
+from ggufkit.runtime.load import Session, ggml_library
 from ggufkit.runtime.perplexity import read_text, split_windows
 
 DEFAULT_CTX = 512
@@ -45,9 +45,7 @@ class GgmlTensor(ctypes.Structure):
 
 def _ggml():
     """libggml-base from llama-cpp-python, with the few functions the collector calls."""
-    import llama_cpp
-
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib = ggml_library("libggml-base.so")
     lib.ggml_op_name.restype, lib.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
     lib.ggml_nbytes.restype, lib.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
     lib.ggml_tensor_overhead.restype, lib.ggml_tensor_overhead.argtypes = ctypes.c_size_t, []

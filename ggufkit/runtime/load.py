@@ -39,6 +39,15 @@ def _llama_cpp():
     return llama_cpp
 
 
+def ggml_library(name: str) -> ctypes.CDLL:
+    """One of the ggml libraries beside the libllama llama-cpp-python loaded (its lib folder, or
+    LLAMA_CPP_LIB_PATH, llama-cpp-python's switch to another llama.cpp build), so that one build of
+    ggml serves the whole process."""
+    llama_cpp = _llama_cpp()
+    folder = os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib"
+    return ctypes.CDLL(str(Path(folder) / name))
+
+
 def llama_error(default: str) -> str:
     """The first error llama.cpp logged since `check_model` (the cause; later lines are
     consequences), else `default`."""
