@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ggufkit.kquants.api import worker_processes
 
-    worker_processes()  # the console script and `python -m ggufkit` guard their main module
+    # the console script and `python -m ggufkit` guard their main module, as spawned workers need;
+    # --threads 0 means the default, as for llama.cpp
+    try:
+        worker_processes(count=getattr(args, "threads", None) or None)
+    except ValueError as exc:
+        parser.error(f"--threads: {exc}")
     try:
         result = args.func(args)
     except GgufkitError as exc:

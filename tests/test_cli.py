@@ -41,3 +41,11 @@ def test_export_hf_of_a_non_gguf_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "bad.gguf" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_negative_threads_is_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(tmp_path / "in.gguf"), str(tmp_path / "out.gguf"), "Q8_0", "--threads", "-1"])
+    assert exc.value.code == 2
+    assert "--threads: workers must be at least 1, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "out.gguf").exists()

@@ -83,7 +83,7 @@ def register(sub) -> None:
     p.add_argument("--calibration-chunks", type=int, metavar="N", help="use at most N windows of the text")
     p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
                    help="layers offloaded while measuring the imatrix (-1: all)")
-    p.add_argument("-t", "--threads", type=int, metavar="N", help="threads for the calibration run (default: all cores)")
+    p.add_argument("-t", "--threads", type=int, metavar="N", help="threads for the calibration run, and quantizing workers (default: all cores)")
     p.add_argument("--allow-missing", action="store_true",
                    help="quantize tensors the imatrix has no entry for without one, instead of failing")
     p.add_argument("--qat", default="auto", choices=["auto", "off"],

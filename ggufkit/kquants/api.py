@@ -36,12 +36,17 @@ _workers: "_Workers | None" = None
 _use_processes = False
 
 
-def worker_processes(enabled: bool = True) -> None:
-    """Run the scale searches on worker processes, one per core. Off by default for library callers:
-    spawned workers import the caller's main module, which a script without an
+def worker_processes(enabled: bool = True, count: int | None = None) -> None:
+    """Run the scale searches on worker processes, `count` of them (default one per core; it also
+    sets the threads otherwise used; give it before the first quantization). Off by default for
+    library callers: spawned workers import the caller's main module, which a script without an
     `if __name__ == "__main__":` guard would run again. ggufkit's CLI turns it on."""
-    global _use_processes
+    global _use_processes, THREADS
     _use_processes = enabled
+    if count is not None:
+        if count < 1:
+            raise ValueError(f"workers must be at least 1, got {count}")
+        THREADS = count
 
 
 @functools.cache

@@ -53,6 +53,8 @@ def register(sub) -> None:
     p.add_argument("--allow-requantize", action="store_true", help="accept already-quantized tensors as input")
     p.add_argument("--allow-missing", action="store_true", help="quantize layers the imatrix lacks (or has "
                    "with the wrong size) without it, and list them, instead of failing")
+    p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
+                   help="quantizing workers at once (default: one per core)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_quantize)
 
