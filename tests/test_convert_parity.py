@@ -37,7 +37,8 @@ def test_same_metadata_and_tensor_bytes_as_llama_cpp(checkpoint, out_type, tmp_p
 def test_gemma3_image_text_checkpoint_converts_its_text_model(gemma3_hf, out_type, tmp_path):
     """Gemma 3's 4B/12B/27B checkpoints wrap the text model (language_model.*) with a vision tower:
     a tiny one built by transformers converts as llama.cpp's converter converts it."""
-    ckpt = tiny_models.build("gemma3-multimodal", tmp_path / "hf", gemma3_hf, vocab_size=262144)
+    # 262208 rows, as the real ones have: 64 padding rows past the tokenizer's 262144 tokens
+    ckpt = tiny_models.build("gemma3-multimodal", tmp_path / "hf", gemma3_hf, vocab_size=262208)
     assert_converts_like_llama_cpp(ckpt, out_type, tmp_path)
 
 

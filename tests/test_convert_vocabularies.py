@@ -9,6 +9,8 @@ llama.cpp then tokenizes the texts with to the same ids."""
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import pytest
 
@@ -60,9 +62,13 @@ def test_checkpoint_converts_like_llama_cpp_and_tokenizes_the_same(exported, tmp
 
     name, folder, kv = exported
     n_vocab = len(kv["tokenizer.ggml.tokens"])
-    ckpt = tiny_models.build(VOCABS[name], tmp_path / "hf", folder, vocab_size=n_vocab, hidden_size=32,
-                             intermediate_size=64, num_hidden_layers=1, bos_token_id=kv["tokenizer.ggml.bos_token_id"],
-                             eos_token_id=kv["tokenizer.ggml.eos_token_id"])
+    sentencepiece = kv["tokenizer.ggml.model"] == "llama"
+    # SentencePiece: also an older checkpoint's added_tokens.json, and a padding row past it
+    ckpt = tiny_models.build(VOCABS[name], tmp_path / "hf", folder, vocab_size=n_vocab + 2 * sentencepiece,
+                             hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             bos_token_id=kv["tokenizer.ggml.bos_token_id"], eos_token_id=kv["tokenizer.ggml.eos_token_id"])
+    if sentencepiece:
+        (ckpt / "added_tokens.json").write_text(json.dumps({"<extra_0>": n_vocab}), encoding="utf-8")
     ours = convert(ckpt, tmp_path / "ours.gguf", out_type="F32")
     ref = hf_to_gguf(ckpt, tmp_path / "ref.gguf", "f32")
     kv_ours, kv_ref = _kv(gguf.GGUFReader(ours)), _kv(gguf.GGUFReader(ref))

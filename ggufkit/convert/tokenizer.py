@@ -191,9 +191,9 @@ def load_sentencepiece(root: Path, vocab_size: int) -> Vocab:
         raise GgufkitError(f"invalid SentencePiece model: {exc}", path) from None
     tokens, scores, types = [], [], []
     for i in range(vocab_size):
-        if i >= sp.vocab_size():
+        if i >= sp.vocab_size():  # the config's padding rows, named and scored as llama.cpp does
             tokens.append(f"[PAD{i}]")
-            scores.append(-1000.0)
+            scores.append(-10000.0)
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(sp.id_to_piece(i))
@@ -208,7 +208,19 @@ def load_sentencepiece(root: Path, vocab_size: int) -> Vocab:
 
 
 def _apply_added_tokens(root: Path, tokens: list, scores: list, types: list) -> None:
-    """added_tokens_decoder in tokenizer_config.json overrides pieces (e.g. Gemma's control tokens)."""
+    """added_tokens.json (older checkpoints), then added_tokens_decoder in tokenizer_config.json,
+    override pieces (e.g. Gemma's control tokens); ids past the vocabulary are ignored, as llama.cpp does."""
+    added = root / "added_tokens.json"
+    if added.is_file():
+        try:
+            entries = json.loads(added.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise GgufkitError(f"invalid JSON: {exc}", added) from None
+        if not isinstance(entries, dict):
+            raise GgufkitError("invalid added tokens: not a JSON object of token -> id", added)
+        for text, i in entries.items():
+            if isinstance(i, int) and 0 <= i < len(tokens):
+                tokens[i], scores[i], types[i] = text, -1000.0, gguf.TokenType.USER_DEFINED
     cfg = root / "tokenizer_config.json"
     if not cfg.is_file():
         return
