@@ -1,5 +1,6 @@
 """Tiny random checkpoints built by transformers itself (so tensor names and shapes come from the
-reference implementation, not from our converter), with SmolLM2's real tokenizer files."""
+reference implementation, not from our converter), with real tokenizer files: SmolLM2's, or one of
+the vocabularies llama.cpp ships for its tokenizer tests (Llama 3, Qwen2, Llama 2)."""
 
 from __future__ import annotations
 
