@@ -54,6 +54,21 @@ def test_every_family_converts_like_llama_cpp(family, smollm2_hf, tmp_path):
     assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
 
 
+def test_tied_checkpoint_that_stores_its_head_anyway(smollm2_hf, tmp_path):
+    """tie_word_embeddings with an lm_head.weight in the file (some training exports): llama.cpp's
+    converter writes it as output.weight, and so does ggufkit."""
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = tiny_models.build("llama", tmp_path / "hf", smollm2_hf, tie_word_embeddings=True)
+    weights = load_file(ckpt / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 0.5
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
+    names = [t.name for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors]
+    assert "output.weight" in names and "token_embd.weight" in names
+
+
 def assert_converts_like_llama_cpp(checkpoint, out_type, tmp_path):
     from ggufkit.convert.pipeline import convert
 

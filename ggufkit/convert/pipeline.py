@@ -72,6 +72,10 @@ def plan(ckpt: Checkpoint, fam: Family, out_type: str, n_vocab: int, has_imatrix
     would pick another type that cannot hold it exactly (a Q4_0-trained token_embd stays Q4_0, not Q6_K)."""
     cfg_path = ckpt.root / "config.json"
     expected = fam.expected_tensors()
+    if "lm_head.weight" in ckpt.tensors and "lm_head.weight" not in expected:
+        # tied, yet stored (some exports keep it): llama.cpp's converter writes it as output.weight,
+        # which llama.cpp then uses instead of the embedding
+        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
     unknown = [n for n in ckpt.tensors if n not in expected and not fam.ignored(n)]
     if unknown:
         raise GgufkitError(f"unexpected tensor {unknown[0]!r} for {fam.hf_architecture()} "
