@@ -133,8 +133,10 @@ def quantize_rows(qt: GGMLQuantizationType, rows: np.ndarray, imatrix) -> np.nda
 
 
 # Rows per round through the workers' shared input buffer: bounds the buffer (kept for the next call,
-# so neither side page-faults it afresh) whatever the tensor's size.
-SHARED_BYTES = 32 << 20
+# so neither side page-faults it afresh) whatever the tensor's size. Small, as /dev/shm may be (64 MiB
+# in a default Docker container, where overfilling it is a SIGBUS): 8 MiB is 4 chunks per worker
+# per round on 2 cores, as fast as 32 MiB was (ggufkit quantize, SmolLM2 Q4_K_M).
+SHARED_BYTES = 8 << 20
 _attached: dict[str, SharedMemory] = {}  # in a worker: the parent's buffers, mapped once
 
 
