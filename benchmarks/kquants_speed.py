@@ -3,7 +3,8 @@
 For every registered type, without and with an imatrix, on a 4096x4096 Gaussian matrix and on a real
 weight matrix (Gemma 3 270M blk.0.ffn_down, 640x2048, dequantized from its GGUF). ggml runs with one
 thread per core over row chunks (ctypes releases the GIL); ours runs as the library does (chunks of
-rows on api.THREADS worker processes, one per core, as the CLI runs them). Times are the best of --repeat runs. `identical` is the fraction of rows whose bytes match.
+rows on api.THREADS worker processes, one per core, as the CLI runs them). Times are the best of
+--repeat runs. `identical` is the fraction of rows whose bytes match.
 """
 
 from __future__ import annotations

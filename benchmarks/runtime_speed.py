@@ -1,6 +1,7 @@
 """`ggufkit bench` vs llama-bench and `ggufkit perplexity` vs llama-perplexity on the same GGUF,
-threads and llama.cpp build (ggufkit runs on the tools' libllama through LLAMA_CPP_LIB_PATH), plus generation speed against the memory-bandwidth bound (each generated token reads every
-weight once, so tg t/s x weight bytes cannot exceed the machine's copy bandwidth).
+threads and llama.cpp build (ggufkit runs on the tools' libllama through LLAMA_CPP_LIB_PATH), plus
+generation speed against the memory-bandwidth bound (each generated token reads every weight once,
+so tg t/s x weight bytes cannot exceed the machine's copy bandwidth).
 
     python -m benchmarks.runtime_speed [--model smollm2|gemma3 | --file X.gguf] [--threads 2] [--chunks 4] [--json]
 """

@@ -110,11 +110,12 @@ def quantize(weights, qtype, imatrix=None) -> np.ndarray:
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     # A multiple of THREADS chunks (each at most `step` rows) keeps the workers equally busy.
     n_chunks = min(rows, -(-rows // (step * THREADS)) * THREADS)
-    bounds = [rows * i // n_chunks for i in range(n_chunks + 1)]
-    spans = list(zip(bounds[:-1], bounds[1:]))
     if n_chunks == 1:
         out[:] = quantize_rows(qt, x, imatrix)
     elif n_chunks > 1 and not _in_processes(qt, x, imatrix, out):
+        bounds = [rows * i // n_chunks for i in range(n_chunks + 1)]
+        spans = list(zip(bounds[:-1], bounds[1:]))
+
         def quantize_span(span: tuple[int, int]) -> None:
             out[span[0]:span[1]] = quantize_rows(qt, x[span[0]:span[1]], imatrix)
 
@@ -145,7 +146,10 @@ def _attach(*names: str) -> list[SharedMemory]:
     (between tasks, when no array views them)."""
     for name in [n for n in _attached if n not in names]:
         _attached.pop(name).close()
-    return [_attached.get(n) or _attached.setdefault(n, SharedMemory(n)) for n in names]
+    for name in names:
+        if name not in _attached:
+            _attached[name] = SharedMemory(name)
+    return [_attached[n] for n in names]
 
 
 def _quantize_shared(qt, src: tuple, dst: tuple, start: int, stop: int, step: int, imatrix) -> None:
