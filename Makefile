@@ -1,11 +1,12 @@
 # `make run`  : set up a fresh machine and run the main job on the default model.
 # `make test` : set up (with test extras) and run the whole test suite.
+# `make test-fast`: the tests that need neither the real models nor llama.cpp's tools (a few minutes).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out
 
-.PHONY: setup setup-test run test bench clean
+.PHONY: setup setup-test run test test-fast bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ run: setup
 
 test: setup-test
 	$(PY) -m pytest -q
+
+test-fast: setup-test
+	$(PY) -m pytest -q -m "not models and not tools"
 
 bench: setup-test
 	$(PY) -m benchmarks.convert_speed

@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.common import run_measured, table
 from ggufkit import models
 from ggufkit.convert.checkpoint import open_checkpoint
-from tests.reference import llama_cpp_source
+from reference.llama_cpp import llama_cpp_source
 
 
 def main() -> None:

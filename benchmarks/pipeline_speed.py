@@ -15,9 +15,9 @@ from pathlib import Path
 
 from benchmarks.common import run_measured, table
 from ggufkit import models
-from ggufkit.convert.calibrated import DEFAULT_CALIBRATION, lossless_type
-from tests.quant_reference import identical_tensors
-from tests.reference import llama_cpp_source, llama_tool
+from ggufkit.commands.convert import DEFAULT_CALIBRATION, lossless_type
+from reference.llama_cpp import llama_cpp_source, llama_tool
+from reference.quantize import identical_tensors
 
 
 def main() -> None:

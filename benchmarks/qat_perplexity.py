@@ -26,7 +26,7 @@ from ggufkit.convert.export_hf import export_hf
 from ggufkit.convert.pipeline import convert
 from ggufkit.runtime.kld import kld
 from ggufkit.runtime.perplexity import perplexity
-from tests.quant_reference import identical_tensors
+from reference.quantize import identical_tensors
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 

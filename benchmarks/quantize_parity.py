@@ -13,11 +13,11 @@ from pathlib import Path
 from benchmarks.common import table
 from benchmarks.quantize_speed import CORPUS, f32_gguf
 from ggufkit import models
+from ggufkit.commands.quantize import quantize_gguf
 from ggufkit.kquants import supported_types
-from ggufkit.kquants.mixtures import MIXTURES
-from ggufkit.kquants.quantize_gguf import quantize_gguf
-from tests.quant_reference import (ggufkit_types, identical_tensors, llama_imatrix, llama_quantize, needed_types,
-                                   reference_types)
+from ggufkit.mixtures import MIXTURES
+from reference.quantize import (ggufkit_types, identical_tensors, llama_imatrix, llama_quantize, needed_types,
+                               reference_types)
 
 
 def compare(model: Path, mixture: str, imatrix: Path | None, workdir: Path) -> dict:

@@ -15,9 +15,9 @@ import numpy as np
 
 from benchmarks.common import run_measured, table
 from ggufkit import models
-from ggufkit.kquants.imatrix import read_imatrix
-from tests.quant_reference import identical_tensors
-from tests.reference import llama_tool
+from ggufkit.gguffile.imatrix import read_imatrix
+from reference.llama_cpp import llama_tool
+from reference.quantize import identical_tensors
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 

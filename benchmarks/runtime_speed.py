@@ -20,8 +20,8 @@ import numpy as np
 
 from benchmarks.common import run_measured, table
 from ggufkit import models
-from ggufkit.runtime.header import read_header
-from tests.reference import llama_tools
+from ggufkit.gguffile.reader import read_header
+from reference.llama_cpp import llama_tools
 
 
 def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:

@@ -47,5 +47,5 @@ def test_negative_threads_is_a_usage_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["quantize", str(tmp_path / "in.gguf"), str(tmp_path / "out.gguf"), "Q8_0", "--threads", "-1"])
     assert exc.value.code == 2
-    assert "--threads: workers must be at least 1, got -1" in capsys.readouterr().err
+    assert "--threads: threads must be at least 1, got -1" in capsys.readouterr().err
     assert not (tmp_path / "out.gguf").exists()

@@ -13,6 +13,7 @@ from ggufkit.cli import main
 from tests import tiny_models
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
 
 
 @pytest.fixture(scope="module")

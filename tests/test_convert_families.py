@@ -10,6 +10,7 @@ from tests import tiny_models
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
 
 PROMPT = [1, 504, 3458, 314, 253, 1837, 30, 2339, 2201, 1211]
 N_NEW = 16

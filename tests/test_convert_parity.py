@@ -6,13 +6,13 @@ from __future__ import annotations
 import gguf
 import pytest
 
+from reference.llama_cpp import hf_to_gguf
 from tests import tiny_models
-from tests.reference import hf_to_gguf
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.torch, pytest.mark.tools, pytest.mark.models]
 TYPES = ["F32", "F16", "BF16", "Q8_0"]
 # Provenance that legitimately differs between runs and tools.
 IGNORED_KEYS = ("general.quantized_by", "general.source", "general.uuid")

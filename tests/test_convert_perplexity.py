@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reference import hf_to_gguf
+from reference.llama_cpp import hf_to_gguf
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
+pytestmark = [pytest.mark.torch, pytest.mark.tools]
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ import gguf
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.models
+
 
 def test_export_hf_writes_a_checkpoint(smollm2_hf):
     names = {p.name for p in smollm2_hf.iterdir()}

@@ -14,10 +14,11 @@ import json
 import gguf
 import pytest
 
+from reference.llama_cpp import hf_to_gguf, llama_cpp_source
 from tests import tiny_models
-from tests.reference import hf_to_gguf, llama_cpp_source
 from tests.test_convert_parity import _kv
 
+pytestmark = pytest.mark.tools
 # vocabulary -> the tiny family that carries it in the checkpoint test
 VOCABS = {"llama-bpe": "llama", "qwen2": "qwen2", "llama-spm": "llama"}
 SEPARATOR = "\n__ggml_vocab_test__\n"
@@ -53,6 +54,7 @@ def test_exported_tokenizer_json_gives_the_reference_ids(exported):
 
 
 @pytest.mark.slow
+@pytest.mark.torch
 def test_checkpoint_converts_like_llama_cpp_and_tokenizes_the_same(exported, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

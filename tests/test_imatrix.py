@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from ggufkit.cli import main
+from ggufkit.commands.quantize import quantize_gguf
 from ggufkit.errors import GgufkitError
-from ggufkit.kquants.imatrix import read_imatrix, write_imatrix
-from ggufkit.kquants.quantize_gguf import quantize_gguf
+from ggufkit.gguffile.imatrix import read_imatrix, write_imatrix
 from ggufkit.runtime.imatrix import collect
-from tests.quant_reference import (fake_imatrix, identical_tensors, llama_imatrix, llama_quantize, metadata,
-                                   synthetic_gguf)
+from reference.quantize import (fake_imatrix, identical_tensors, llama_imatrix, llama_quantize, metadata,
+                               synthetic_gguf)
 
 CTX, CHUNKS = 128, 3  # small windows keep the real-model runs short on 2 cores
 
@@ -52,13 +52,14 @@ def test_legacy_dat(tmp_path):
 
 
 @pytest.mark.parametrize("data,match", [(b"\x00\x00\x00\x00", "no entries"), (b"\x02\x00\x00\x00\x05", "truncated"),
-                                        (b"GGUF" + b"\x00" * 8, "not a readable GGUF")])
+                                        (b"GGUF" + b"\x00" * 8, "unsupported GGUF version 0")])
 def test_bad_imatrix_files(tmp_path, data, match):
     (tmp_path / "bad").write_bytes(data)
     with pytest.raises(GgufkitError, match=match):
         read_imatrix(tmp_path / "bad")
 
 
+@pytest.mark.tools
 def test_legacy_dat_in_quantize_matches_llama_quantize(tmp_path):
     model = synthetic_gguf(tmp_path / "m.gguf", n_layer=2)
     gguf_im = read_imatrix(fake_imatrix(model, tmp_path / "i.gguf"))
@@ -83,6 +84,7 @@ def both_imatrices(smollm2_f32, corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.tools
 def test_matches_llama_imatrix(both_imatrices):
     ours, ref = (read_imatrix(p) for p in both_imatrices)
     assert ours.entries.keys() == ref.entries.keys()
@@ -94,6 +96,7 @@ def test_matches_llama_imatrix(both_imatrices):
 
 
 @pytest.mark.slow
+@pytest.mark.tools
 def test_each_tools_imatrix_works_in_the_other(both_imatrices, smollm2_f32, tmp_path):
     ours, ref = both_imatrices
     llama_quantize(smollm2_f32, tmp_path / "llama-with-ours.gguf", "Q4_0", "--imatrix", str(ours))
@@ -123,6 +126,7 @@ def test_bad_model(tmp_path, corpus):
     (["a", "b", "b"], None),  # the last weight used twice in a graph
     ([], None),  # no collected weight (windows under 16 tokens)
 ])
+@pytest.mark.ggml
 def test_early_stop_only_after_the_graphs_last_weight(order, last):
     from ggufkit.runtime.imatrix import Collector
 

@@ -7,7 +7,9 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from ggufkit.kquants import api, dequantize, encode, qtype_of, quantize, supported_types
-from tests.reference import ggml_quantize
+from reference.llama_cpp import ggml_quantize
+
+pytestmark = pytest.mark.ggml
 
 
 def gauss(rows: int, cols: int) -> np.ndarray:
@@ -88,19 +90,18 @@ def test_encode_float_types_use_ggml_rounding():
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.IQ4_XS])
-def test_worker_processes_and_threads_give_ggmls_bytes(qtype, monkeypatch):
-    """Many chunks: quantized on the worker processes (in several rounds through a shared buffer
-    that is replaced when a larger one is needed), and on threads where processes are off."""
-    monkeypatch.setattr(api, "THREADS", 2)
-    monkeypatch.setattr(api, "SHARED_BYTES", 1 << 20)
-    monkeypatch.setattr(api, "_use_processes", True)  # as the CLI sets it (worker_processes())
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_chunks_on_threads_give_ggmls_bytes(qtype, threads, monkeypatch):
+    """Many row chunks (shorter than a group of lanes, uneven, ending mid-group) on 1..3 threads."""
+    monkeypatch.setattr(api, "THREADS", threads)
+    monkeypatch.setattr(api, "CHUNK_ELEMENTS", 3 * 1024)
     rng = np.random.default_rng(3)
-    imatrix = rng.exponential(size=2048).astype(np.float32)
-    for rows in (300, 700):  # the second needs more than the first's buffers hold
-        x = gauss(rows, 2048 if rows == 700 else 1024)
-        im = imatrix[: x.shape[1]]
-        ours = quantize(x, qtype, im)
-        assert api._use_processes, "the worker processes failed"
-        np.testing.assert_array_equal(ours, ggml_quantize(x, qtype, im))
-    monkeypatch.setattr(api, "_use_processes", False)
-    np.testing.assert_array_equal(quantize(x, qtype, im), ours)
+    x = gauss(301, 1024)
+    imatrix = rng.exponential(size=1024).astype(np.float32)
+    for im in (None, imatrix):
+        np.testing.assert_array_equal(quantize(x, qtype, im), ggml_quantize(x, qtype, im))
+
+
+def test_set_threads_rejects_zero():
+    with pytest.raises(ValueError, match="at least 1"):
+        api.set_threads(0)

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from benchmarks.kquants_speed import real_matrix
-from ggufkit import models
 from ggufkit.kquants import dequantize, quantize
-from tests.reference import ggml_quantize
+from reference.llama_cpp import ggml_quantize
+from reference.quantize import real_matrix
 
+pytestmark = pytest.mark.ggml
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.IQ4_XS]
 TYPES = K_TYPES + LEGACY_TYPES
@@ -45,14 +45,14 @@ def imatrix_for(cols: int, seed: int = 1) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def real_weights() -> dict[str, np.ndarray]:
+def real_weights(smollm2_gguf, gemma3_gguf) -> dict[str, np.ndarray]:
     """A few real matrices, truncated; rows of 1536 / 2048 are multiples of 256. Attention rows of
     576 / 640 are regrouped into 2304 / 2560."""
     return {
-        "smollm2.ffn_down": real_matrix(models.SMOLLM2, "blk.0.ffn_down.weight", 32),
-        "smollm2.attn_q": real_matrix(models.SMOLLM2, "blk.3.attn_q.weight", 32).reshape(-1, 2304),
-        "gemma3.ffn_down": real_matrix(models.GEMMA3, "blk.0.ffn_down.weight", 32),
-        "gemma3.ffn_gate": real_matrix(models.GEMMA3, "blk.2.ffn_gate.weight", 32).reshape(-1, 2560),
+        "smollm2.ffn_down": real_matrix(smollm2_gguf, "blk.0.ffn_down.weight", 32),
+        "smollm2.attn_q": real_matrix(smollm2_gguf, "blk.3.attn_q.weight", 32).reshape(-1, 2304),
+        "gemma3.ffn_down": real_matrix(gemma3_gguf, "blk.0.ffn_down.weight", 32),
+        "gemma3.ffn_gate": real_matrix(gemma3_gguf, "blk.2.ffn_gate.weight", 32).reshape(-1, 2560),
     }
 
 

@@ -16,6 +16,7 @@ from tests import tiny_models
 
 Q = gguf.GGMLQuantizationType
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -51,6 +51,7 @@ def _gguf_values(path):
     return {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(path).tensors}
 
 
+@pytest.mark.torch
 def test_symmetric_qat_checkpoint_converts_to_q4_0_exactly(qat_ckpt, tmp_path):
     report = []
     out = convert(qat_ckpt, tmp_path / "qat.gguf", out_type="Q4_0", report=report)
@@ -68,6 +69,7 @@ def test_symmetric_qat_checkpoint_converts_to_q4_0_exactly(qat_ckpt, tmp_path):
     assert max(np.abs(plain[n] - want[n]).max() for n in plain if n.startswith("blk.")) > 1e-3
 
 
+@pytest.mark.torch
 def test_noise_in_one_tensor_is_detected_for_that_tensor_alone(qat_ckpt, tmp_path):
     noisy = shutil.copytree(qat_ckpt, tmp_path / "noisy")
     tensors = load_file(noisy / "model.safetensors")
@@ -82,12 +84,14 @@ def test_noise_in_one_tensor_is_detected_for_that_tensor_alone(qat_ckpt, tmp_pat
     assert next(r for r in report if not r.exact).max_error > 1e-4
 
 
+@pytest.mark.torch
 def test_type_auto_picks_the_grid_that_holds_the_checkpoint(qat_ckpt, tmp_path):
     reader = gguf.GGUFReader(convert(qat_ckpt, tmp_path / "a.gguf", out_type="auto"))
     assert {t.tensor_type for t in reader.tensors if len(t.shape) == 2} == {Q.Q4_0}
     assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
 
 
+@pytest.mark.torch
 def test_type_auto_falls_back_to_16_bit_floats(smollm2_hf, tmp_path):
     plain = tiny_models.build("llama", tmp_path / "plain", smollm2_hf)
     types = {x.tensor_type for x in gguf.GGUFReader(convert(plain, tmp_path / "p.gguf", out_type="auto")).tensors}

@@ -10,13 +10,16 @@ import gguf
 import pytest
 
 from ggufkit.cli import main
+from ggufkit.commands.convert import DEFAULT_CALIBRATION, convert_calibrated
+from ggufkit.commands.quantize import quantize_gguf
 from ggufkit.convert.pipeline import convert
 from ggufkit.errors import GgufkitError
+from ggufkit.gguffile.reader import read_header
 from ggufkit.kquants import supported_types
-from ggufkit.kquants.mixtures import Options, parse_override, parse_qtype
-from ggufkit.kquants.quantize_gguf import quantize_gguf
-from tests.quant_reference import (ALL_MIXTURES, fake_imatrix, ggufkit_types, identical_tensors, llama_quantize,
-                                   metadata, needed_types, reference_types, synthetic_gguf)
+from ggufkit.mixtures import Options, parse_override, parse_qtype
+from reference.quantize import (ALL_MIXTURES, fake_imatrix, ggufkit_types, identical_tensors, llama_quantize,
+                               metadata, needed_types, reference_types, synthetic_gguf)
+from tests import tiny_models
 
 Q = gguf.GGMLQuantizationType
 
@@ -46,6 +49,7 @@ def _assert_same_types(model, mixture, imatrix=None, opts=None, flags=()):
         f"{mixture}: llama-quantize chose {({n: ref[n].name for n in ours if ref[n] != ours[n]})}"
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("mixture", ALL_MIXTURES)
 @pytest.mark.parametrize("model", ["gqa4", "moe8", "tied-gqa1", "odd-rows"])
@@ -54,6 +58,7 @@ def test_mixture_types_synthetic(synthetic, model, mixture, with_imatrix):
     _assert_same_types(path, mixture, imatrix if with_imatrix else None)
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("flags", [
     ("--tensor-type", "attn_v=q8_0", "--tensor-type", "blk\\.[0-3]\\.ffn_down=Q3_K"),
     ("--tensor-type", "BLK\\.1\\.ATTN_V=q4_k"),  # llama-quantize lower-cases the pattern
@@ -86,6 +91,7 @@ def real_models(smollm2_f32, gemma3_f32, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.tools
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_mixture_types_real_models(real_models, model, with_imatrix):
@@ -112,6 +118,7 @@ def _assert_identical_to_llama_quantize(tmp_path, model, mixture, imatrix=None):
 
 
 @pytest.mark.slow
+@pytest.mark.tools
 @pytest.mark.parametrize("mixture,with_imatrix", [("Q8_0", False), ("Q4_0", True), ("Q4_K_M", True),
                                                   ("IQ4_XS", True)])
 def test_bytes_and_metadata_match_llama_quantize_smollm2(real_models, tmp_path, mixture, with_imatrix):
@@ -119,6 +126,7 @@ def test_bytes_and_metadata_match_llama_quantize_smollm2(real_models, tmp_path, 
     _assert_identical_to_llama_quantize(tmp_path, path, mixture, imatrix if with_imatrix else None)
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_S", "Q5_1", "IQ4_NL"])
 def test_bytes_match_llama_quantize_synthetic(synthetic, tmp_path, mixture):
     path, imatrix = synthetic["moe8"]  # per-expert imatrix slices, 3-D tensors, 256-multiple rows
@@ -126,6 +134,7 @@ def test_bytes_match_llama_quantize_synthetic(synthetic, tmp_path, mixture):
 
 
 @pytest.mark.slow
+@pytest.mark.tools
 def test_convert_mixture_in_one_pass_matches_llama_quantize(smollm2_hf, real_models, tmp_path):
     """checkpoint -> Q4_K_M with an imatrix, in one convert: the bytes llama-quantize makes from our F32 file."""
     path, imatrix = real_models["smollm2"]
@@ -139,10 +148,9 @@ def test_convert_mixture_in_one_pass_matches_llama_quantize(smollm2_hf, real_mod
         {k: v for k, v in metadata(ref)["kv"].items() if k in keys}
 
 
+@pytest.mark.torch
 def test_convert_with_calibration(smollm2_hf, tmp_path, capsys):
     """--calibration with no file measures on the shipped text; the imatrix reaches the quantizer."""
-    from tests import tiny_models
-
     ckpt = tiny_models.build("llama", tmp_path / "hf", smollm2_hf)
     out = tmp_path / "q4km.gguf"
     assert main(["convert", str(ckpt), "-o", str(out), "--type", "q4_k_m", "--calibration",
@@ -157,6 +165,17 @@ def test_convert_with_calibration(smollm2_hf, tmp_path, capsys):
     assert identical_tensors(out, plain)[1], "the imatrix changed no tensor"
 
 
+def test_calibrated_model_names_its_text_not_where_it_lay(tmp_path):
+    """quantize.imatrix.dataset is the calibration text's file name, not its path on this machine."""
+    ckpt = tiny_models.numpy_llama(tmp_path / "hf")
+    text = tmp_path / "texts" / "mine.txt"
+    text.parent.mkdir()
+    text.write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    for texts, name in (((), "calibration.txt"), ((text,), "mine.txt")):
+        out = convert_calibrated(ckpt, tmp_path / f"{name}.gguf", "Q4_0", texts, ctx=64, chunks=2, threads=2)
+        assert read_header(out).metadata["quantize.imatrix.dataset"] == name
+
+
 def test_convert_refuses_an_imatrix_for_float_types(smollm2_hf, synthetic, tmp_path):
     with pytest.raises(GgufkitError, match="importance matrix applies to llama.cpp's mixtures"):
         convert(smollm2_hf, tmp_path / "x.gguf", out_type="F16", imatrix=synthetic["gqa4"][1])
@@ -165,6 +184,7 @@ def test_convert_refuses_an_imatrix_for_float_types(smollm2_hf, synthetic, tmp_p
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.tools
 def test_requantize(synthetic, tmp_path):
     path, _ = synthetic["gqa4"]
     q4 = quantize_gguf(path, tmp_path / "q4_0.gguf", "Q4_0").path

@@ -9,7 +9,7 @@ import pytest
 
 from ggufkit.cli import main
 from ggufkit.runtime import describe, inspect
-from ggufkit.runtime.header import read_header
+from ggufkit.gguffile.reader import read_header
 from ggufkit.runtime.kld import LOG_PROB_RANGE, KldStats, quantize_log_probs, row_width
 from ggufkit.runtime.load import Session, check_model
 

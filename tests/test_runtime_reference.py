@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from ggufkit.cli import main
-from ggufkit.kquants.quantize_gguf import quantize_gguf
-from tests.reference import llama_tool
+from ggufkit.commands.quantize import quantize_gguf
+from reference.llama_cpp import llama_tool
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.tools, pytest.mark.models]
 
 CTX, CHUNKS, THREADS = 512, 4, "2"
 

@@ -1,11 +1,18 @@
 """Tiny random checkpoints built by transformers itself (so tensor names and shapes come from the
 reference implementation, not from our converter), with real tokenizer files: SmolLM2's, or one of
-the vocabularies llama.cpp ships for its tokenizer tests (Llama 3, Qwen2, Llama 2)."""
+the vocabularies llama.cpp ships for its tokenizer tests (Llama 3, Qwen2, Llama 2). And one written
+with numpy alone (`numpy_llama`), for the tests that need neither torch nor a real model."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from reference import uses
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -31,6 +38,7 @@ GEMMA3_MULTIMODAL = ("Gemma3TextConfig", "Gemma3ForConditionalGeneration", CONFI
 
 
 def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+    uses("torch")
     import torch
     import transformers
 
@@ -64,10 +72,48 @@ def llama_cpp_vocab(name: str, folder: Path) -> dict:
     """Tokenizer files (export-hf's) for one of the real vocabularies llama.cpp's source ships for its
     tokenizer tests (models/ggml-vocab-<name>.gguf) written into `folder`; returns its GGUF metadata."""
     from ggufkit.convert.export_hf import write_tokenizer
-    from ggufkit.runtime.header import read_header
-    from tests.reference import llama_cpp_source
+    from ggufkit.gguffile.reader import read_header
+    from reference.llama_cpp import llama_cpp_source
 
     kv = read_header(llama_cpp_source() / "models" / f"ggml-vocab-{name}.gguf", arrays=True).metadata
     folder.mkdir(parents=True, exist_ok=True)
     write_tokenizer(folder, kv)
     return kv
+
+
+def numpy_llama(folder: Path, seed: int = 0) -> Path:
+    """A Llama checkpoint of 2 layers with random weights, and a byte-level BPE vocabulary (GPT-2's
+    256 byte characters, two merges, an end-of-text token): llama.cpp runs it."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    moved = [b for b in range(256) if b not in printable]  # GPT-2 maps the other bytes past 255
+    tokens = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(moved))] + ["\u0120t", "he"]
+    vocab = {t: i for i, t in enumerate(tokens)} | {"<|endoftext|>": len(tokens)}
+    special = {"id": len(tokens), "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+               "rstrip": False, "normalized": False, "special": True}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer = {"version": "1.0", "added_tokens": [special], "normalizer": None, "pre_tokenizer": byte_level,
+                 "post_processor": None, "decoder": byte_level,
+                 "model": {"type": "BPE", "vocab": vocab, "merges": ["\u0120 t", "h e"]}}
+    d, ff, heads, kv_heads, n = 64, 128, 4, 2, len(vocab)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
+              "intermediate_size": ff, "num_hidden_layers": 2, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "vocab_size": n, "tie_word_embeddings": False,
+              "bos_token_id": n - 1, "eos_token_id": n - 1}
+    kv = d // heads * kv_heads
+    shapes = {"model.embed_tokens.weight": (n, d), "model.norm.weight": (d,), "lm_head.weight": (n, d)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                   p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
+                   p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
+                   p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d),
+                   p + "mlp.down_proj.weight": (d, ff)}
+    rng = np.random.default_rng(seed)
+    weights = {name: ((1.0 if name.endswith("norm.weight") else 0.0) + 0.15 * rng.standard_normal(shape))
+               .astype(np.float32) for name, shape in shapes.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder

@@ -1,2 +1,3 @@
-"""Checkpoint -> tensors -> GGUF: reading HF checkpoints, per-family transforms, tokenizers, and the
-streaming GGUF writer; plus the way back (export-hf)."""
+"""The Hugging Face side: checkpoints (folders, hub ids, packed formats), per-family transforms,
+tokenizers, exact grid fitting of prequantized weights, the checkpoint -> GGUF pipeline, and the way
+back (export-hf)."""

@@ -16,20 +16,10 @@ from ggufkit.convert.families import family_for_gguf_arch
 from ggufkit.convert.safetensors_out import write_safetensors
 from ggufkit.convert.tokenizer import PRE_TOKENIZERS, definition
 from ggufkit.errors import GgufkitError
+from ggufkit.gguffile.reader import read_header, tensor_data
 from ggufkit.progress import bar
-from ggufkit.runtime.header import read_header, tensor_data
 
 T = gguf.TokenType
-
-
-def open_gguf(path: Path) -> gguf.GGUFReader:
-    path = Path(path)
-    if not path.is_file():
-        raise GgufkitError("no such file", path)
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # GGUFReader raises ValueError, struct.error, IndexError... on bad files
-        raise GgufkitError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", path) from None
 
 
 def _f32_repr(v):
@@ -203,7 +193,7 @@ def export_hf(src, outdir, dtype: str = "float32", force: bool = False, max_shar
         raise GgufkitError(f"unknown --dtype {dtype!r}; choose float32 or bfloat16")
     if outdir.exists() and any(outdir.iterdir()) and not force:
         raise GgufkitError("output folder exists and is not empty (use --force to overwrite)", outdir)
-    header = read_header(src, arrays=True)  # gguf.GGUFReader takes seconds over a 262k-token vocabulary
+    header = read_header(src, arrays=True)
     kv = header.metadata
     arch = kv.get("general.architecture")
     fam_cls = family_for_gguf_arch(arch)

@@ -13,15 +13,13 @@ import numpy as np
 
 from ggufkit.convert.checkpoint import Checkpoint, open_checkpoint
 from ggufkit.convert.families import Family, family_for
-from ggufkit.convert.tokenizer import load_vocab
-from ggufkit.convert.writer import atomic_gguf, declare, refuse_overwrite, write_tensor_chunks
-from ggufkit.errors import GgufkitError
 from ggufkit.convert.prequantized import GRIDS, fit_grid
+from ggufkit.convert.tokenizer import load_vocab
+from ggufkit.errors import GgufkitError
+from ggufkit.gguffile.imatrix import add_provenance, read_imatrix, weights_for
+from ggufkit.gguffile.writer import TensorOut, refuse_overwrite, write_gguf, written_metadata
 from ggufkit.kquants import dequantize, encode
-from ggufkit.kquants.api import FLOAT_TYPES
-from ggufkit.kquants.imatrix import add_provenance, read_imatrix, weights_for
-from ggufkit.kquants.mixtures import MIXTURES, ModelInfo, TensorMeta, choose_types, requires_imatrix
-from ggufkit.progress import bar
+from ggufkit.mixtures import FLOAT_TYPES, MIXTURES, TensorMeta, choose_types, fallback, model_info, requires_imatrix
 
 Q = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
@@ -57,11 +55,11 @@ class PlannedTensor:
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], want: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """llama.cpp's rules: vectors and norms stay F32; a row that does not fit the block falls back to F16."""
+    """llama.cpp's converter's rules: vectors and norms stay F32; a row that does not fit the block
+    falls back as llama-quantize's rows do (for the converter's 32-block types: to F16)."""
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
         return Q.F32
-    block = gguf.GGML_QUANT_SIZES[want][0]
-    return want if shape[-1] % block == 0 else Q.F16
+    return fallback(want, shape[-1])
 
 
 def plan(ckpt: Checkpoint, fam: Family, out_type: str, n_vocab: int, has_imatrix: bool = False,
@@ -109,7 +107,8 @@ def _mixture_types(tensors: list[PlannedTensor], ckpt: Checkpoint, fam: Family, 
                    qat: bool) -> None:
     """Set each tensor's type by llama-quantize's rules for `mixture`, as if quantizing our F32 file."""
     metas = [TensorMeta(t.gguf_name, tuple(reversed(t.shape)), t.qtype) for t in tensors]
-    types = choose_types(metas, model_info(fam), mixture, has_imatrix=has_imatrix)
+    info = model_info(written_metadata(fam.arch_name(), fam.write_hparams))
+    types = choose_types(metas, info, mixture, has_imatrix=has_imatrix)
     base = MIXTURES[mixture][1]
     for t in tensors:
         t.qtype = types[t.gguf_name]
@@ -127,14 +126,6 @@ def _only_base_grid_holds(ckpt: Checkpoint, fam: Family, t: PlannedTensor, base)
         return False
     x, dtype = _sample(ckpt, fam, t.hf_name)
     return (t.qtype not in GRIDS or fit_grid(x, t.qtype, dtype) is None) and fit_grid(x, base, dtype) is not None
-
-
-def model_info(fam: Family) -> ModelInfo:
-    """The hyper-parameters llama.cpp's mixture rules look at."""
-    c = fam.config
-    n_head = c["num_attention_heads"]
-    return ModelInfo(fam.arch_name(), fam.n_layer, n_head, c.get("num_key_value_heads") or n_head,
-                     c.get("num_local_experts") or c.get("num_experts") or 0)
 
 
 # Large tensors are read, transformed and encoded in row chunks of about this many float32 bytes.
@@ -201,30 +192,17 @@ def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinit
         if without:
             print(f"ggufkit: {len(without)} tensors quantized without importance data (--allow-missing): "
                   f"{', '.join(without[:5])}{' ...' if len(without) > 5 else ''}", file=sys.stderr)
-    total_bytes = 0
-    with atomic_gguf(out, fam.arch_name(), split_max_size) as w:
-        for t in tensors:
-            declare(w, t.gguf_name, t.shape, t.qtype)
+
+    def metadata(w: gguf.GGUFWriter) -> None:
         write_metadata(w, ckpt, fam, _file_type(out_type, tensors))
         if imat is not None:
             add_provenance(w, imat, imatrix if isinstance(imatrix, (str, Path)) else CALIBRATED)
         vocab.add_to_gguf(w)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        with bar(total=len(tensors), desc="convert", unit="tensor") as pbar:
-            for t in tensors:
-                chunks = lambda t=t: _chunks(ckpt, fam, t, allow_nonfinite)  # noqa: E731
-                imat_t = weights.get(t.gguf_name)
-                if qat and t.qtype in GRIDS and t.hf_name is not None:
-                    data, row = _grid_or_quantize(chunks, t, ckpt.tensors[t.hf_name].dtype, imat_t)
-                    report.append(row)
-                else:
-                    data = (encode(x, t.qtype, imat_t) for x in chunks())
-                total_bytes += write_tensor_chunks(w, data)
-                pbar.set_postfix_str(f"{total_bytes / 1e6:.0f} MB")
-                pbar.update(1)
-    return w.produced[0]
+
+    data = [TensorOut(t.gguf_name, t.shape, t.qtype,
+                      _encoded(ckpt, fam, t, allow_nonfinite, weights.get(t.gguf_name), qat, report))
+            for t in tensors]
+    return write_gguf(out, fam.arch_name(), data, metadata, split_max_size, desc="convert")[0]
 
 
 # quantize.imatrix.file of a model whose imatrix convert measured itself
@@ -239,6 +217,20 @@ def _file_type(out_type: str, tensors: list[PlannedTensor]) -> int:
     # AUTO: the file type names the most common matrix type
     counts = Counter(t.qtype for t in tensors if t.qtype != Q.F32)
     return AUTO_FILE_TYPES[counts.most_common(1)[0][0]]
+
+
+def _encoded(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: bool, imatrix: np.ndarray | None,
+             qat: bool, report: list):
+    """The tensor's bytes, a chunk at a time: exact grid codes with `qat` where they fit (reported),
+    else quantized."""
+    chunks = lambda: _chunks(ckpt, fam, t, allow_nonfinite)  # noqa: E731
+    if qat and t.qtype in GRIDS and t.hf_name is not None:
+        data, row = _grid_or_quantize(chunks, t, ckpt.tensors[t.hf_name].dtype, imatrix)
+        report.append(row)
+        yield from data
+    else:
+        for x in chunks():
+            yield encode(x, t.qtype, imatrix)
 
 
 def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, imatrix: np.ndarray | None):

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from ggufkit.kquants.legacy import assemble, pack_high_bits, pack_nibbles
-from ggufkit.kquants.search import signed_absmax
+from ggufkit.kquants.legacy import pack_blocks
 
 Q = gguf.GGMLQuantizationType
 QK = 32
@@ -91,7 +90,7 @@ def fit_blocks(b: np.ndarray, qtype, source_dtype: str = "F32"):
         ext = b.max(axis=1) - m
     else:
         m = np.zeros(n, np.float32)
-        ext = signed_absmax(b)[1 if grid.positive_scale else 0]
+        ext = _signed_absmax(b)[1 if grid.positive_scale else 0]
     flat = ext == 0  # all-equal (or all-zero) blocks: d = 0, every code at the zero point
     ks = np.asarray(grid.ks, np.float32)
     j, candidates = 0, 3 * len(ks)
@@ -108,19 +107,18 @@ def fit_blocks(b: np.ndarray, qtype, source_dtype: str = "F32"):
     return fits, d_out, np.where(fits, m, np.float32(0)), c_out, err
 
 
+def _signed_absmax(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block (row of b): the first element of largest magnitude, and that magnitude."""
+    mag = np.abs(b)
+    idx = np.argmax(mag, axis=1)[:, None]
+    return np.take_along_axis(b, idx, 1)[:, 0], np.take_along_axis(mag, idx, 1)[:, 0]
+
+
 def _pack(rows: np.ndarray, qtype, d, m, c) -> np.ndarray:
     grid = GRIDS[qtype]
-    q = (c - grid.lo).astype(np.uint8) if not grid.affine else c.astype(np.uint8)
+    q = c.astype(np.int8).view(np.uint8) if qtype == Q.Q8_0 else (c - (0 if grid.affine else grid.lo)).astype(np.uint8)
     dh, mh = d.astype(np.float16).view("<u2"), m.astype(np.float16).view("<u2")
-    if qtype == Q.Q8_0:
-        return assemble(rows, dh, c.astype(np.int8).view(np.uint8))
-    if qtype == Q.Q4_0:
-        return assemble(rows, dh, pack_nibbles(q))
-    if qtype == Q.Q5_0:
-        return assemble(rows, dh, pack_high_bits(q), pack_nibbles(q))
-    if qtype == Q.Q4_1:
-        return assemble(rows, dh, mh, pack_nibbles(q))
-    return assemble(rows, dh, mh, pack_high_bits(q), pack_nibbles(q))
+    return pack_blocks(qtype, dh, mh, q).reshape(rows.shape[0], -1)
 
 
 @dataclass

@@ -1,105 +1,160 @@
 """IQ4_NL and IQ4_XS: ggml's quantize_row_iq4_nl_impl (ntry = 7, as in quantize_iq4_nl/_xs), with
-levels on the non-linear grid kvalues_iq4nl."""
+levels on the non-linear grid kvalues_iq4nl, compiled. Kernel arguments as in `legacy`."""
 
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
 
-from ggufkit.kquants.legacy import assemble, pack_nibbles
-from ggufkit.kquants.registry import register
-from ggufkit.kquants.search import (GROUP_MAX_EPS, block_sum, columns, fp16_bits, inverse_or_zero,
-                                    nearest_int, signed_absmax)
+from ggufkit.kquants.jit import F32, GROUP_MAX_EPS, inline, kernel, nearest_int, put_fp16
+from ggufkit.kquants.legacy import put_nibbles
+from ggufkit.kquants.search import LANES, signed_absmax
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+# best_index_int8 picks the upper of neighbours a <= v < b when float32 `v - a < b - v` fails. Near
+# the midpoint both differences are exact (|v| >= 4.5 there, gaps <= 24), so that is v >= (a+b)/2;
+# away from it rounding cannot flip the comparison. So the index is the number of midpoints m with
+# !(v < m): a NaN gets 15, as in ggml.
+MIDPOINTS = ((KVALUES[:-1].astype(np.float32) + KVALUES[1:].astype(np.float32)) / 2).astype(np.float32)
+STEPS = np.diff(KVALUES.astype(np.float32)).astype(np.float32)
 NTRY = 7
 QK = 32
 QK_K = 256
 
 
-def _index_table() -> np.ndarray:
-    """best_index_int8 as a table over c = ceil(-2*v), c in [-256, 255] (stored at c mod 512).
-
-    ggml picks between neighbours a <= v < b by float32 `v - a < b - v`. Near the midpoint both
-    differences are exact (|v| >= 4.5 there, gaps <= 24), so that equals v < (a+b)/2; away from it
-    rounding cannot flip the comparison. Midpoints are multiples of 1/2, hence the index only depends
-    on ceil(-2v): index = #{k : ceil(-2v) <= -(a_k + b_k)}.
-    """
-    c = np.arange(512)
-    c = np.where(c < 256, c, c - 512)
-    bounds = -(KVALUES[:-1].astype(np.int32) + KVALUES[1:])
-    return (c[:, None] <= bounds[None, :]).sum(axis=1).astype(np.uint8)
+@inline
+def grid_index(v):
+    """best_index_int8(16, kvalues_iq4nl, v)."""
+    idx = 0
+    for m in range(15):
+        idx += 0 if v < MIDPOINTS[m] else 1
+    return idx
 
 
-INDEX = _index_table()
-VALUE = KVALUES.astype(np.float32)[INDEX]
+@inline
+def grid_value(v):
+    """kvalues_iq4nl[best_index_int8(16, kvalues_iq4nl, v)] as float32, without a table lookup."""
+    q = F32(-127)
+    for m in range(15):
+        q += F32(0) if v < MIDPOINTS[m] else STEPS[m]
+    return q
 
 
-def grid_index(x: np.ndarray, inv_scale: np.ndarray) -> np.ndarray:
-    """Per element, the intp table position of best_index_int8(16, kvalues, inv_scale*x).
+@inline
+def _sums(x, w, inv, sumqx, sumq2):
+    n, lanes = x.shape
+    for k in range(lanes):
+        sumqx[k] = 0
+        sumq2[k] = 0
+    for i in range(n):
+        for k in range(lanes):
+            q = grid_value(inv[k] * x[i, k])
+            wq = w[i, k] * q  # ggml: w*q*x = (w*q)*x and w*q*q = (w*q)*q
+            sumqx[k] += wq * x[i, k]
+            sumq2[k] += wq * q
 
-    -2*(inv_scale*x) is computed exactly as (-2*inv_scale)*x. NaN lands on index 15 like in ggml
-    (fmax drops it to the bound meaning v >= 128), +-inf on the end they belong to."""
-    y = x * (np.float32(-2) * inv_scale)
-    np.ceil(y, out=y)
-    np.fmax(y, np.float32(-256), out=y)
-    np.fmin(y, np.float32(255), out=y)
-    return y.astype(np.intp)
 
-
-def block_scales(blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The per-32-block scale of quantize_row_iq4_nl_impl: ntry search of d over the grid."""
-    xt, wt = columns(blocks), columns(weights)
-    mx, amax = signed_absmax(xt, axis=0)
-
-    def sums(inv_scale):
-        q = VALUE.take(grid_index(xt, inv_scale))
-        wq = wt * q  # ggml: w*q*x = (w*q)*x and w*q*q = (w*q)*q
-        return block_sum(wq * xt), block_sum(wq * q)
-
-    sumqx, sumq2 = sums(np.float32(1) / (-mx / np.float32(KVALUES[0])))
-    d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0))
-    best = d * sumqx
+@inline
+def block_scales(x, w, d):
+    """The per-32-block scale of quantize_row_iq4_nl_impl per lane: ntry search of d over the grid."""
+    lanes = x.shape[1]
+    mx, amax = np.empty(lanes, F32), np.empty(lanes, F32)
+    signed_absmax(x, mx, amax)
+    inv, best = np.empty(lanes, F32), np.empty(lanes, F32)
+    sumqx, sumq2 = np.empty(lanes, F32), np.empty(lanes, F32)
+    for k in range(lanes):
+        inv[k] = F32(1) / (-mx[k] / F32(KVALUES[0]))
+    _sums(x, w, inv, sumqx, sumq2)
+    for k in range(lanes):
+        d[k] = sumqx[k] / sumq2[k] if sumq2[k] > 0 else F32(0)
+        best[k] = d[k] * sumqx[k]
     for itry in range(-NTRY, NTRY + 1):
-        sumqx, sumq2 = sums(np.float32(itry + int(KVALUES[0])) / mx)
-        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        d = np.where(better, sumqx / sumq2, d)
-        best = np.where(better, d * sumqx, best)
-    return np.where(amax < GROUP_MAX_EPS, np.float32(0), d)
+        for k in range(lanes):
+            inv[k] = F32(itry + KVALUES[0]) / mx[k]
+        _sums(x, w, inv, sumqx, sumq2)
+        for k in range(lanes):
+            if sumq2[k] > 0 and sumqx[k] * sumqx[k] > best[k] * sumq2[k]:
+                d[k] = sumqx[k] / sumq2[k]
+                best[k] = d[k] * sumqx[k]
+    for k in range(lanes):
+        if amax[k] < GROUP_MAX_EPS:
+            d[k] = 0
 
 
-def weights_for(blocks: np.ndarray, super_block: int, qw: np.ndarray | None) -> np.ndarray:
-    """x^2 without an imatrix; qw * sqrt(sigma2 + x^2) with one, sigma2 = 2*sum(x^2)/super_block."""
-    sq = blocks * blocks
-    if qw is None:
-        return sq
-    per_super = sq.reshape(-1, super_block)
-    sigma2 = block_sum(columns(per_super)) * np.float32(2 / super_block)
-    return (qw.reshape(-1, super_block) * np.sqrt(sigma2[:, None] + per_super)).reshape(-1, QK)
+@inline
+def gather_weights(x, qw, cols, first, n_blocks, super_block, xt, wt):
+    """Blocks into lanes with x^2 weights, or qw * sqrt(sigma2 + x^2), sigma2 = 2*sum(x^2)/super_block
+    over each block's super-block (the block itself for IQ4_NL)."""
+    use_qw = qw.shape[0] > 0
+    for k in range(LANES):
+        b = first + k
+        sigma2 = F32(0)
+        if use_qw and b < n_blocks:
+            start = b * QK // super_block * super_block
+            for j in range(start, start + super_block):
+                sigma2 += x[j] * x[j]
+            sigma2 *= F32(2 / super_block)
+        for i in range(QK):
+            e = b * QK + i
+            v = x[e] if b < n_blocks else F32(0)
+            xt[i, k] = v
+            if b >= n_blocks:
+                wt[i, k] = 0
+            elif use_qw:
+                wt[i, k] = qw[e % cols] * np.sqrt(sigma2 + v * v)
+            else:
+                wt[i, k] = v * v
 
 
-@register(T.IQ4_NL)
-def quantize_iq4_nl(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    b = rows.reshape(-1, QK)
-    qw = None if imatrix is None else np.broadcast_to(imatrix, rows.shape)
-    d = block_scales(b, weights_for(b, QK, qw))
-    L = INDEX.take(grid_index(b, inverse_or_zero(d)[:, None]))
-    return assemble(rows, fp16_bits(d), pack_nibbles(L))
+@kernel
+def iq4_nl(x, qw, cols, out, nmax, type_size):
+    n_blocks = x.shape[0] // QK
+    xt, wt = np.empty((QK, LANES), np.float32), np.empty((QK, LANES), np.float32)
+    d = np.empty(LANES, np.float32)
+    L = np.empty((QK, 1), np.uint8)
+    for first in range(0, n_blocks, LANES):
+        gather_weights(x, qw, cols, first, n_blocks, QK, xt, wt)
+        block_scales(xt, wt, d)
+        for k in range(min(LANES, n_blocks - first)):
+            pos = (first + k) * type_size
+            put_fp16(out, pos, d[k])
+            inv = F32(1) / d[k] if d[k] != 0 else F32(0)
+            for i in range(QK):
+                L[i, 0] = grid_index(inv * xt[i, k])
+            put_nibbles(out, pos + 2, L, 0)
 
 
-@register(T.IQ4_XS)
-def quantize_iq4_xs(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    b = rows.reshape(-1, QK)
-    qw = None if imatrix is None else np.broadcast_to(imatrix, rows.shape)
-    scales = block_scales(b, weights_for(b, QK_K, qw)).reshape(-1, QK_K // QK)
-    # ggml's `fabsf(d) > amax_scale` never picks a NaN scale: treat NaN as 0.
-    max_scale = signed_absmax(np.where(np.isnan(scales), np.float32(0), scales))[0]
-    d = -max_scale / np.float32(32)
-    ls = np.clip(nearest_int(inverse_or_zero(d)[:, None] * scales), -32, 31)
-    dl = d[:, None] * ls.astype(np.float32)
-    L = INDEX.take(grid_index(b, inverse_or_zero(dl).reshape(-1, 1)))
-    ls = (ls + 32).astype(np.uint8)
-    scales_l = (ls[:, 0::2] & 0x0F) | (ls[:, 1::2] << 4)
-    scales_h = ((ls.astype(np.uint16) >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)
-    qs = pack_nibbles(L.reshape(-1, QK)).reshape(len(d), -1)
-    return assemble(rows, fp16_bits(d), scales_h.astype("<u2"), scales_l, qs)
+@kernel
+def iq4_xs(x, qw, cols, out, nmax, type_size):
+    n_blocks = x.shape[0] // QK
+    xt, wt = np.empty((QK, LANES), np.float32), np.empty((QK, LANES), np.float32)
+    scales = np.empty(LANES, np.float32)
+    L = np.empty((QK, 1), np.uint8)
+    for first in range(0, n_blocks, LANES):
+        gather_weights(x, qw, cols, first, n_blocks, QK_K, xt, wt)
+        block_scales(xt, wt, scales)
+        for k0 in range(0, min(LANES, n_blocks - first), 8):
+            pos = (first + k0) // 8 * type_size
+            max_scale, amax_scale = F32(0), F32(0)
+            for j in range(8):
+                if abs(scales[k0 + j]) > amax_scale:
+                    amax_scale = abs(scales[k0 + j])
+                    max_scale = scales[k0 + j]
+            d = -max_scale / F32(32)
+            put_fp16(out, pos, d)
+            inv = F32(1) / d if d != 0 else F32(0)
+            scales_h = 0
+            for j in range(8):
+                l = max(-32, min(31, nearest_int(inv * scales[k0 + j])))
+                dl = d * F32(l)
+                idl = F32(1) / dl if dl != 0 else F32(0)
+                for i in range(QK):
+                    L[i, 0] = grid_index(idl * xt[i, k0 + j])
+                put_nibbles(out, pos + 8 + 16 * j, L, 0)
+                l += 32
+                if j % 2 == 0:
+                    out[pos + 4 + j // 2] = l & 0xF
+                else:
+                    out[pos + 4 + j // 2] |= (l & 0xF) << 4
+                scales_h |= (l >> 4) << (2 * j)
+            out[pos + 2] = scales_h & 0xFF
+            out[pos + 3] = scales_h >> 8

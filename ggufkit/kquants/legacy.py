@@ -1,139 +1,211 @@
-"""Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: ggml's 32-element block quantizers.
+"""Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: ggml's 32-element block quantizers, compiled.
 
 Like ggml's quantize_q*_* entry points: without an imatrix they run the quantize_row_*_ref
 formulas (scale from the block's extremes), with one the quantize_row_*_impl weighted searches.
 Q8_0 always uses its ref formula (ggml ignores the imatrix).
+
+A kernel takes the chunk's rows flattened (x: float32 (rows*cols,)), the imatrix (float32 (cols,),
+empty for none), the row length and the output bytes (uint8 (rows*row_bytes,)).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
 
-from ggufkit.kquants.registry import register
-from ggufkit.kquants.search import (block_sum, columns, first_extreme, fp16_bits, inverse_or_zero,
-                                    make_qkx3_quants, make_qx_quants, signed_absmax)
+from ggufkit.kquants.jit import F32, c_int8, kernel, inline, put_fp16
+from ggufkit.kquants.search import LANES, make_qkx_quants, make_qx_quants
 
 QK = 32
+FLT_MAX = np.float32(3.4028234663852886e38)
 
 
-def c_byte(f: np.ndarray) -> np.ndarray:
-    """C's `(int8_t)f` / `(uint8_t)f` as compiled for x86 (cvttss2si): truncate to int32, keep the
-    low byte; out-of-range and NaN give 0x80000000, hence 0 (numpy's cast uses the same instruction)."""
-    return f.astype(np.int32).astype(np.uint8)
+@inline
+def put_nibbles(out, pos, q, k):
+    """Levels q[:, k] of a 32-block: element j in the low nibble of byte j, element j+16 in the high one."""
+    for j in range(16):
+        out[pos + j] = (q[j, k] & 0x0F) | ((q[j + 16, k] & 0x0F) << 4)
 
 
-def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """(n, 32) levels -> (n, 16) bytes: element j in the low nibble, element j+16 in the high one."""
-    return (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
-
-
-def pack_high_bits(q: np.ndarray) -> np.ndarray:
+@inline
+def put_high_bits(out, pos, q, k):
     """Bit 4 of each of the 32 levels as the little-endian uint32 `qh` of Q5 blocks."""
-    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+    for b in range(4):
+        byte = 0
+        for j in range(8):
+            byte |= ((q[8 * b + j, k] >> 4) & 1) << j
+        out[pos + b] = byte
 
 
-def assemble(rows: np.ndarray, *fields: np.ndarray) -> np.ndarray:
-    """Write per-block fields (fp16 as uint16, or uint8 (n_blocks, k)) side by side into rows of bytes."""
-    parts = [f.view(np.uint8).reshape(len(f), -1) for f in fields]
-    out = np.empty((len(parts[0]), sum(p.shape[1] for p in parts)), np.uint8)
-    start = 0
-    for p in parts:
-        out[:, start:start + p.shape[1]] = p
-        start += p.shape[1]
-    return out.reshape(rows.shape[0], -1)
+@inline
+def row_sigma2(x, cols, n_rows, sigma2):
+    """The legacy impl paths' sigma2 = sum(x^2)/n_per_row of each row, summed in order."""
+    for r in range(n_rows):
+        s = F32(0)
+        for j in range(r * cols, (r + 1) * cols):
+            s += x[j] * x[j]
+        sigma2[r] = s / F32(cols)
 
 
-def imatrix_weights(rows: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
-    """ggml's weight[j] = qw[j] * sqrtf(sigma2 + x[j]*x[j]), sigma2 = sum(x^2)/n_per_row per row."""
-    sq = rows * rows
-    sigma2 = block_sum(columns(sq)) / np.float32(rows.shape[1])
-    return (imatrix * np.sqrt(sigma2[:, None] + sq)).reshape(-1, QK)
+@inline
+def gather_weighted(x, qw, cols, sigma2, first, n_blocks, xt, wt):
+    """Blocks first..first+LANES-1 into lanes, with ggml's weights qw * sqrtf(sigma2 + x^2); lanes
+    past the last block are zero (their results are dropped)."""
+    for k in range(LANES):
+        b = first + k
+        for i in range(QK):
+            if b < n_blocks:
+                e = b * QK + i
+                v = x[e]
+                xt[i, k] = v
+                wt[i, k] = qw[e % cols] * np.sqrt(sigma2[e // cols] + v * v)
+            else:
+                xt[i, k] = 0
+                wt[i, k] = 0
 
 
-def symmetric_ref(rows: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+@kernel
+def symmetric_search(x, qw, cols, out, nmax, type_size):
+    """Q4_0 (nmax 8) / Q5_0 (nmax 16) with an imatrix: make_qx_quants per block."""
+    n_blocks = x.shape[0] // QK
+    sigma2 = np.empty(x.shape[0] // cols, np.float32)
+    row_sigma2(x, cols, sigma2.shape[0], sigma2)
+    xt, wt = np.empty((QK, LANES), np.float32), np.empty((QK, LANES), np.float32)
+    L, scale = np.empty((QK, LANES), np.uint8), np.empty(LANES, np.float32)
+    for first in range(0, n_blocks, LANES):
+        gather_weighted(x, qw, cols, sigma2, first, n_blocks, xt, wt)
+        make_qx_quants(xt, wt, nmax, L, scale)
+        for k in range(min(LANES, n_blocks - first)):
+            pos = (first + k) * type_size
+            put_fp16(out, pos, scale[k])
+            if nmax == 16:
+                put_high_bits(out, pos + 2, L, k)
+            put_nibbles(out, pos + type_size - 16, L, k)
+
+
+@kernel
+def affine_search(x, qw, cols, out, nmax, type_size):
+    """Q4_1 (nmax 15) / Q5_1 (nmax 31) with an imatrix: make_qkx3_quants per block."""
+    n_blocks = x.shape[0] // QK
+    sigma2 = np.empty(x.shape[0] // cols, np.float32)
+    row_sigma2(x, cols, sigma2.shape[0], sigma2)
+    xt, wt = np.empty((QK, LANES), np.float32), np.empty((QK, LANES), np.float32)
+    L = np.empty((QK, LANES), np.uint8)
+    scale, the_min = np.empty(LANES, np.float32), np.empty(LANES, np.float32)
+    for first in range(0, n_blocks, LANES):
+        gather_weighted(x, qw, cols, sigma2, first, n_blocks, xt, wt)
+        make_qkx_quants(xt, wt, nmax, -0.9, 0.05, 36, False, L, scale, the_min)
+        for k in range(min(LANES, n_blocks - first)):
+            pos = (first + k) * type_size
+            put_fp16(out, pos, scale[k])
+            put_fp16(out, pos + 2, -the_min[k])
+            if nmax == 31:
+                put_high_bits(out, pos + 4, L, k)
+            put_nibbles(out, pos + type_size - 16, L, k)
+
+
+@kernel
+def symmetric_ref(x, qw, cols, out, nmax, type_size):
     """quantize_row_q4_0_ref / q5_0_ref: d = max / -nmax, levels MIN(2nmax-1, (int8_t)(x/d + nmax + 0.5))."""
-    b = rows.reshape(-1, QK)
-    d = signed_absmax(b)[0] / np.float32(-nmax)
-    inv = inverse_or_zero(d)
-    # 1/d overflows for a tiny subnormal d; C's levels are then (int8_t)(inf or NaN) = 0, as NaN gives.
-    inv[np.isinf(inv)] = np.nan
-    x = b * inv[:, None]
-    x += np.float32(nmax + 0.5)
-    # |x/d| <= nmax (up to rounding), so x lies in [0, 2nmax + 0.5]: clamping the float before the
-    # cast equals C's MIN on the truncated integer, and is cheaper.
-    np.minimum(x, np.float32(2 * nmax - 0.5), out=x)
-    return fp16_bits(d), c_byte(x)
+    n_blocks = x.shape[0] // QK
+    q = np.empty((QK, 1), np.int64)
+    half = F32(nmax) + F32(0.5)
+    for b in range(n_blocks):
+        base = b * QK
+        amax, mx = F32(0), F32(0)
+        for j in range(QK):
+            v = x[base + j]
+            if amax < abs(v):
+                amax = abs(v)
+                mx = v
+        d = mx / F32(-nmax)
+        inv = F32(1) / d if d != 0 else F32(0)
+        pos = b * type_size
+        put_fp16(out, pos, d)
+        for j in range(QK):
+            q[j, 0] = min(2 * nmax - 1, c_int8(x[base + j] * inv + half)) & 0xFF
+        if nmax == 16:
+            put_high_bits(out, pos + 2, q, 0)
+        put_nibbles(out, pos + type_size - 16, q, 0)
 
 
-def affine_ref(rows: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """quantize_row_q4_1_ref / q5_1_ref: d = (max - min)/nmax, levels (int)((x - min)/d + 0.5).
-
-    The levels lie in [0, nmax] (x - min <= max - min), or are 0 where 1/d overflows: the ref's
-    MIN(15, ...) for Q4_1 never applies."""
-    b = rows.reshape(-1, QK)
-    mn = first_extreme(b, np.argmin)
-    d = (first_extreme(b, np.argmax) - mn) / np.float32(nmax)
-    x = b - mn[:, None]
-    x *= inverse_or_zero(d)[:, None]
-    x += np.float32(0.5)
-    return fp16_bits(d), fp16_bits(mn), c_byte(x)
-
-
-def _symmetric(rows: np.ndarray, nmax: int, imatrix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """fp16 scale bits and codes of Q4_0 (nmax 8) / Q5_0 (nmax 16): ggml's max/-nmax rule without an
-    imatrix, its weighted scale search with one."""
-    if imatrix is None:
-        return symmetric_ref(rows, nmax)
-    q, scale = make_qx_quants(rows.reshape(-1, QK), nmax, imatrix_weights(rows, imatrix))
-    return fp16_bits(scale), q
-
-
-@register(T.Q4_0)
-def quantize_q4_0(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    d, q = _symmetric(rows, 8, imatrix)
-    return assemble(rows, d, pack_nibbles(q))
-
-
-@register(T.Q5_0)
-def quantize_q5_0(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    d, q = _symmetric(rows, 16, imatrix)
-    return assemble(rows, d, pack_high_bits(q), pack_nibbles(q))
+@kernel
+def affine_ref(x, qw, cols, out, nmax, type_size):
+    """quantize_row_q4_1_ref / q5_1_ref: d = (max - min)/nmax, levels (int8_t)((x - min)/d + 0.5)
+    (Q4_1 takes MIN(15, .) of it, which Q5_1 does not)."""
+    n_blocks = x.shape[0] // QK
+    q = np.empty((QK, 1), np.int64)
+    for b in range(n_blocks):
+        base = b * QK
+        mn, mx = FLT_MAX, -FLT_MAX
+        for j in range(QK):
+            v = x[base + j]
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        d = (mx - mn) / F32(nmax)
+        inv = F32(1) / d if d != 0 else F32(0)
+        pos = b * type_size
+        put_fp16(out, pos, d)
+        put_fp16(out, pos + 2, mn)
+        for j in range(QK):
+            level = c_int8((x[base + j] - mn) * inv + F32(0.5))
+            q[j, 0] = (min(15, level) if nmax == 15 else level) & 0xFF
+        if nmax == 31:
+            put_high_bits(out, pos + 4, q, 0)
+        put_nibbles(out, pos + type_size - 16, q, 0)
 
 
-def affine(rows: np.ndarray, imatrix: np.ndarray | None, nmax: int):
-    if imatrix is None:
-        return affine_ref(rows, nmax)
-    q, scale, the_min = make_qkx3_quants(rows.reshape(-1, QK), nmax, imatrix_weights(rows, imatrix),
-                                         -0.9, 0.05, 36)
-    return fp16_bits(scale), fp16_bits(-the_min), q
+@kernel
+def q8_0(x, qw, cols, out, nmax, type_size):
+    """quantize_row_q8_0_ref: d = amax/127, levels roundf(x/d) (half away from zero)."""
+    n_blocks = x.shape[0] // QK
+    for b in range(n_blocks):
+        base = b * QK
+        amax = F32(0)
+        for j in range(QK):
+            a = abs(x[base + j])
+            amax = amax if amax > a else a
+        d = amax / F32(127)
+        inv = F32(1) / d if d != 0 else F32(0)
+        pos = b * type_size
+        put_fp16(out, pos, d)
+        for j in range(QK):
+            v = x[base + j] * inv
+            t = np.trunc(v)
+            if abs(v - t) >= F32(0.5):
+                t += F32(1) if v > 0 else F32(-1)
+            out[pos + 2 + j] = c_int8(t) & 0xFF
 
 
-@register(T.Q4_1)
-def quantize_q4_1(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    d, m, q = affine(rows, imatrix, 15)
-    return assemble(rows, d, m, pack_nibbles(q))
+@kernel
+def _pack_blocks(d_bits, m_bits, q, out, nmax, type_size):
+    for b in range(q.shape[0]):
+        pos = b * type_size
+        out[pos] = d_bits[b] & 0xFF
+        out[pos + 1] = d_bits[b] >> 8
+        if nmax == 127:  # Q8_0: the int8 codes as they are
+            for j in range(QK):
+                out[pos + 2 + j] = q[b, j]
+            continue
+        if nmax in (15, 31):  # affine: the fp16 min follows d
+            out[pos + 2] = m_bits[b] & 0xFF
+            out[pos + 3] = m_bits[b] >> 8
+        if nmax in (16, 31):
+            put_high_bits(out, pos + type_size - 20, q[b].reshape(QK, 1), 0)
+        put_nibbles(out, pos + type_size - 16, q[b].reshape(QK, 1), 0)
 
 
-@register(T.Q5_1)
-def quantize_q5_1(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    d, m, q = affine(rows, imatrix, 31)
-    return assemble(rows, d, m, pack_high_bits(q), pack_nibbles(q))
+def pack_blocks(qtype, d_bits: np.ndarray, m_bits: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) from their fields, in the same layout the
+    quantizers write: fp16 bits of d and (affine types) m, (n,) uint16, and the 32 stored codes per
+    block, (n, 32) uint8 (levels from 0; Q8_0's int8 codes as bytes). Returns (n, type_size) bytes."""
+    from ggufkit.kquants.registry import BLOCK_TYPES
 
-
-def c_roundf(f: np.ndarray) -> np.ndarray:
-    """roundf in place: half away from zero (np.rint rounds half to even). x - trunc(x) is exact."""
-    t = np.trunc(f)
-    f -= t
-    f *= np.float32(2)
-    np.trunc(f, out=f)
-    f += t
-    return f
-
-
-@register(T.Q8_0)
-def quantize_q8_0(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    b = rows.reshape(-1, QK)
-    d = signed_absmax(b)[1] / np.float32(127)
-    q = c_byte(c_roundf(b * inverse_or_zero(d)[:, None]))
-    return assemble(rows, fp16_bits(d), q)
+    block_type = BLOCK_TYPES[qtype]
+    nmax = 127 if block_type.nmax == 0 else block_type.nmax
+    n = len(codes)
+    out = np.empty(n * block_type.type_size, np.uint8)
+    _pack_blocks(np.asarray(d_bits, np.int64), np.asarray(m_bits, np.int64), np.ascontiguousarray(codes, np.uint8),
+                 out, nmax, block_type.type_size)
+    return out.reshape(n, block_type.type_size)

@@ -1,24 +1,51 @@
-"""One place that maps a GGML type to the quantizer implementing it.
+"""One place per block type: its layout (elements and bytes per block, from gguf's table) and the
+compiled kernel that writes its blocks, with the kernel's per-type parameter.
 
-A quantizer is a function `(rows: float32 (r, cols), imatrix: float32 (cols,) | None) -> uint8
-(r, bytes_per_row)`: exactly the bytes a GGUF stores. It must be vectorized over every block of
-the chunk it is given (no Python loop per block or per row); `api.quantize` feeds it bounded chunks.
+A kernel is `(x: float32 (rows*cols,), imatrix: float32 (cols,) or empty, cols, out: uint8
+(rows*row_bytes,), nmax, type_size) -> None`: it writes exactly the bytes a GGUF stores, as ggml's
+quantize_<type> does with or without quant_weights.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-Quantizer = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
-
-QUANTIZERS: dict[GGMLQuantizationType, Quantizer] = {}
+from ggufkit.kquants import iq4, k_quants, legacy
 
 
-def register(qtype: GGMLQuantizationType):
-    def wrap(fn: Quantizer) -> Quantizer:
-        QUANTIZERS[qtype] = fn
-        return fn
-    return wrap
+@dataclass(frozen=True)
+class BlockType:
+    qtype: T
+    kernel: Callable
+    nmax: int = 0  # the kernel's level count parameter, where one kernel serves several types
+    ref_kernel: Callable | None = None  # ggml's formula without an imatrix, where it differs
+
+    @property
+    def block_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][0]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][1]
+
+    def kernel_for(self, has_imatrix: bool) -> Callable:
+        return self.kernel if has_imatrix or self.ref_kernel is None else self.ref_kernel
+
+
+BLOCK_TYPES: dict[T, BlockType] = {b.qtype: b for b in [
+    BlockType(T.Q4_0, legacy.symmetric_search, 8, legacy.symmetric_ref),
+    BlockType(T.Q5_0, legacy.symmetric_search, 16, legacy.symmetric_ref),
+    BlockType(T.Q4_1, legacy.affine_search, 15, legacy.affine_ref),
+    BlockType(T.Q5_1, legacy.affine_search, 31, legacy.affine_ref),
+    BlockType(T.Q8_0, legacy.q8_0),
+    BlockType(T.Q2_K, k_quants.q2_k),
+    BlockType(T.Q3_K, k_quants.q3_k),
+    BlockType(T.Q4_K, k_quants.affine_k4, 15),
+    BlockType(T.Q5_K, k_quants.affine_k4, 31),
+    BlockType(T.Q6_K, k_quants.q6_k),
+    BlockType(T.IQ4_NL, iq4.iq4_nl),
+    BlockType(T.IQ4_XS, iq4.iq4_xs),
+]}

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ggufkit.convert.writer import refuse_overwrite
 from ggufkit.errors import GgufkitError
-from ggufkit.kquants.imatrix import Entry, Imatrix, write_imatrix
+from ggufkit.gguffile.imatrix import Entry, Imatrix, write_imatrix
+from ggufkit.gguffile.writer import refuse_overwrite
 from ggufkit.progress import bar
 from ggufkit.runtime.load import Session, ggml_library
 from ggufkit.runtime.perplexity import read_text, split_windows

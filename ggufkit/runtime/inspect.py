@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ggufkit.runtime.header import ArrayInfo, GgufHeader, read_header
+from ggufkit.gguffile.reader import ArrayInfo, GgufHeader, read_header
 
 SHOWN_VALUE_CHARS = 72
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ggufkit.errors import GgufkitError
-from ggufkit.runtime.header import read_header
+from ggufkit.gguffile.reader import read_header
 from ggufkit.runtime.load import Session
 from ggufkit.runtime.perplexity import (DEFAULT_BATCH, DEFAULT_CTX, batch_layout, mean_and_stderr, read_text,
                                         scored_logits, split_windows)

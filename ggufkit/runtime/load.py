@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ggufkit.errors import GgufkitError
-from ggufkit.runtime.header import GgufHeader, read_header
+from ggufkit.gguffile.reader import GgufHeader, read_header
 
 DEFAULT_CTX = 4096
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h of the vendored llama.cpp

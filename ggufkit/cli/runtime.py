@@ -1,4 +1,5 @@
-"""CLI commands owned by runtime: each parses its options and calls the plain function."""
+"""The runtime's commands (chat, generate, serve, perplexity, kld, bench, inspect): each parses its
+options and calls the plain function."""
 
 from __future__ import annotations
 
@@ -6,16 +7,21 @@ import json
 from dataclasses import asdict
 
 from ggufkit.errors import GgufkitError
-from ggufkit.runtime import bench, chat, describe, generate, inspect, kld, perplexity, serve
 from ggufkit.runtime.bench import DEFAULT_BATCH as BENCH_BATCH
+from ggufkit.runtime.bench import bench
 from ggufkit.runtime.bench import report as bench_report
 from ggufkit.runtime.chat import HELP as CHAT_HELP
-from ggufkit.runtime.generate import Sampling
+from ggufkit.runtime.chat import chat
+from ggufkit.runtime.generate import Sampling, generate
+from ggufkit.runtime.inspect import describe, inspect
+from ggufkit.runtime.kld import kld
 from ggufkit.runtime.kld import report as kld_report
 from ggufkit.runtime.load import DEFAULT_CTX
 from ggufkit.runtime.perplexity import DEFAULT_BATCH as WINDOW_BATCH
 from ggufkit.runtime.perplexity import DEFAULT_CTX as WINDOW_CTX
+from ggufkit.runtime.perplexity import perplexity
 from ggufkit.runtime.perplexity import report as perplexity_report
+from ggufkit.runtime.serve import serve
 
 
 def _model_options(p, ctx: int) -> None:

@@ -1,22 +1,17 @@
-"""Argument parsing only: each subcommand is registered by the module that owns it and calls one
-plain function there."""
+"""Argument parsing only: one module here per group of subcommands registers them, and each
+subcommand calls one plain function in the layers below (commands, convert, runtime, models)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from ggufkit import __version__
+from ggufkit.cli import convert, models, quantize, runtime
 from ggufkit.errors import GgufkitError
 
-# Modules exposing `register(subparsers)`; one per user-facing step of the pipeline.
-COMMAND_MODULES = [
-    "ggufkit.convert.cli",
-    "ggufkit.kquants.cli",
-    "ggufkit.runtime.cli",
-    "ggufkit.models",
-]
+# Modules exposing `register(subparsers)`, in the order `ggufkit --help` lists their commands.
+COMMAND_MODULES = (convert, quantize, runtime, models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ggufkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(name)
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 
@@ -36,14 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ggufkit.kquants.api import worker_processes
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads != 0:  # 0 means the default, as for llama.cpp
+        from ggufkit.kquants import set_threads
 
-    # the console script and `python -m ggufkit` guard their main module, as spawned workers need;
-    # --threads 0 means the default, as for llama.cpp
-    try:
-        worker_processes(count=getattr(args, "threads", None) or None)
-    except ValueError as exc:
-        parser.error(f"--threads: {exc}")
+        try:
+            set_threads(threads)  # the quantizing threads; llama.cpp's get the same count
+        except ValueError as exc:
+            parser.error(f"--threads: {exc}")
     try:
         result = args.func(args)
     except GgufkitError as exc:
@@ -53,7 +47,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ggufkit {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,19 +12,19 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggufkit.convert.writer import atomic_gguf, declare, refuse_overwrite, write_tensor_chunks
 from ggufkit.errors import GgufkitError
+from ggufkit.gguffile.imatrix import Imatrix, add_provenance, read_imatrix, weights_for
+from ggufkit.gguffile.reader import GgufHeader, TensorInfo, read_header, tensor_data
+from ggufkit.gguffile.split import SPLIT_KEYS
+from ggufkit.gguffile.writer import TensorOut, copy_metadata, refuse_overwrite, write_gguf
 from ggufkit.kquants import dequantize, encode, supported_types
-from ggufkit.kquants.imatrix import Imatrix, add_provenance, read_imatrix, weights_for
-from ggufkit.kquants.mixtures import (FLOAT_TYPES, MIXTURES, ModelInfo, Options, TensorMeta, choose_types,
-                                      llama_order, parse_override, parse_qtype, requires_imatrix)
-from ggufkit.progress import bar
-from ggufkit.runtime.header import GgufHeader, TensorInfo, read_header, tensor_data
+from ggufkit.mixtures import (FLOAT_TYPES, MIXTURES, Options, TensorMeta, choose_types, llama_order, model_info,
+                              parse_override, parse_qtype, requires_imatrix)
+from ggufkit.runtime.inspect import type_table
 
 Q = gguf.GGMLQuantizationType
 # Rows are read, converted and quantized this many float32 bytes at a time.
 CHUNK_BYTES = 64 << 20
-SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 
 
 @dataclass
@@ -34,18 +34,6 @@ class QuantizeResult:
     types: dict[str, Q]  # every tensor's output type
     bytes_in: int
     without_imatrix: list[str] = field(default_factory=list)  # --allow-missing: quantized without one
-
-
-def model_info(header: GgufHeader) -> ModelInfo:
-    arch = header.architecture
-
-    def value(key: str, default: int) -> int:
-        v = header.metadata.get(f"{arch}.{key}", default)
-        return int(v[0] if isinstance(v, list) else v)  # per-layer arrays: llama.cpp's n_gqa() uses layer 0
-
-    n_head = value("attention.head_count", 0)
-    return ModelInfo(arch, value("block_count", 0), n_head, value("attention.head_count_kv", n_head),
-                     value("expert_count", 0))
 
 
 def tensor_metas(header: GgufHeader) -> list[TensorMeta]:
@@ -72,7 +60,8 @@ def quantize_gguf(src, out, mixture: str, imatrix=None, tensor_types=(), output_
     header = read_header(src, arrays=True)
     imat = read_imatrix(imatrix) if imatrix is not None else None
     metas = {t.name: t for t in tensor_metas(header)}
-    types = choose_types(list(metas.values()), model_info(header), mixture, opts, has_imatrix=imat is not None)
+    types = choose_types(list(metas.values()), model_info(header.metadata), mixture, opts,
+                         has_imatrix=imat is not None)
     todo = [n for n, qt in types.items() if qt != metas[n].qtype]
     _check_plan(src, mixture, metas, types, todo, imat is not None, allow_requantize)
     weights, without = ({}, []) if imat is None else weights_for(
@@ -101,17 +90,9 @@ def _check_plan(src: Path, mixture: str, metas: dict[str, TensorMeta], types: di
 
 
 def _copy_metadata(w: gguf.GGUFWriter, header: GgufHeader, mixture: str, imat: Imatrix | None, imatrix_path):
-    """The input's KV pairs, then what llama-quantize changes: file type, quantization version,
-    the imatrix it used; split keys dropped (the output is one file)."""
-    for key, value in header.metadata.items():
-        if key == "general.architecture" or key in SPLIT_KEYS:
-            continue  # the writer adds the architecture itself
-        vtype, sub = header.value_types[key]
-        w.add_key_value(key, value, vtype, sub_type=sub)
-        if key == "general.alignment":
-            w.data_alignment = int(value)
-    w.kv_data[0].pop("general.quantization_version", None)
-    w.kv_data[0].pop("general.file_type", None)
+    """The input's KV pairs, then what llama-quantize changes: file type, quantization version (both
+    moved to the end), the imatrix it used; split keys dropped (the output is one file)."""
+    copy_metadata(w, header, skip=(*SPLIT_KEYS, gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(int(MIXTURES[mixture][0]))
     if imat is not None:
@@ -139,31 +120,20 @@ def _encoded(header: GgufHeader, t: TensorInfo, new: Q, weights: np.ndarray | No
 
 def _write(header: GgufHeader, out: Path, mixture: str, types: dict[str, Q], weights: dict[str, np.ndarray],
            imat: Imatrix | None, imatrix_path) -> Path:
-    tensors = llama_order(header.tensors)
-    with atomic_gguf(out, header.architecture) as w:
-        for t in tensors:
-            declare(w, t.name, tuple(reversed(t.shape)), types[t.name])
-        _copy_metadata(w, header, mixture, imat, imatrix_path)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        with bar(total=len(tensors), desc=f"quantize {mixture}", unit="tensor") as pbar:
-            for t in tensors:
-                new = types[t.name]
-                if new == t.type:  # nothing to do: copied as stored
-                    data = [np.asarray(tensor_data(header, t)).reshape(-1)]
-                else:
-                    data = _encoded(header, t, new, weights.get(t.name))
-                write_tensor_chunks(w, data)
-                pbar.set_postfix_str(f"{t.name} -> {new.name}")
-                pbar.update(1)
-    return w.produced[0]
+    tensors = []
+    for t in llama_order(header.tensors):
+        new = types[t.name]
+        if new == t.type:  # nothing to do: copied as stored
+            data = [np.asarray(tensor_data(header, t)).reshape(-1)]
+        else:
+            data = _encoded(header, t, new, weights.get(t.name))
+        tensors.append(TensorOut(t.name, tuple(reversed(t.shape)), new, data))
+    return write_gguf(out, header.architecture, tensors,
+                      lambda w: _copy_metadata(w, header, mixture, imat, imatrix_path), desc=f"quantize {mixture}")[0]
 
 
 def summary(result: QuantizeResult) -> str:
     """The output's type table against the input's size, and what went without importance data."""
-    from ggufkit.runtime.inspect import type_table
-
     text = type_table(result.path, input_bytes=result.bytes_in)
     if result.without_imatrix:
         text += (f"\nquantized without imatrix data (--allow-missing): {len(result.without_imatrix)} tensors: "

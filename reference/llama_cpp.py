@@ -1,5 +1,5 @@
-"""llama.cpp as the reference we test and race against (never ggufkit's production path):
-ggml's C quantizer through ctypes, the sdist's vendored llama.cpp source, and its tools."""
+"""llama.cpp itself: ggml's C quantizer through ctypes, the sdist's vendored llama.cpp source, the
+tools built from it, and its own converter."""
 
 from __future__ import annotations
 
@@ -14,13 +14,19 @@ from pathlib import Path
 import numpy as np
 
 from ggufkit.models import cache_dir
+from reference import uses
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SDIST = "llama_cpp_python-0.3.36"
 
 
-@functools.lru_cache(maxsize=None)
 def ggml_lib() -> ctypes.CDLL:
+    uses("ggml")
+    return _ggml_lib()
+
+
+@functools.lru_cache(maxsize=None)
+def _ggml_lib() -> ctypes.CDLL:
     import llama_cpp
 
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
@@ -52,6 +58,7 @@ def ggml_quantize(x: np.ndarray, qtype, imatrix: np.ndarray | None = None, start
 
 def llama_cpp_source() -> Path:
     """The sdist's vendored llama.cpp tree (fetched once with pip download, unpacked in the cache)."""
+    uses("tools")
     root = cache_dir() / "src"
     tree = root / SDIST / "vendor" / "llama.cpp"
     if tree.exists():
@@ -90,6 +97,7 @@ def llama_tool(name: str) -> Path:
 
 def hf_to_gguf(model_dir: Path, outfile: Path, outtype: str) -> Path:
     """Run llama.cpp's own convert_hf_to_gguf.py (needs torch and transformers, test-only)."""
+    uses("torch")
     script = llama_cpp_source() / "convert_hf_to_gguf.py"
     subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(outfile),
                     "--outtype", outtype], check=True, capture_output=True)

@@ -3,12 +3,15 @@ such as Q4_K_M (more bits for attn_v / ffn_down in chosen layers, Q6_K output, G
 fallbacks for rows that do not fill a 256-block), plus the user's overrides.
 
 Re-expressed from the behaviour of llama-quantize (src/llama-quant.cpp), restricted to the file types
-below; tests/test_quantize.py checks every choice against llama-quantize on real models."""
+below; tests/test_quantize.py checks every choice against llama-quantize on real models. Used by both
+ways to a quantized file, convert (a checkpoint in one pass) and quantize (GGUF -> GGUF): each
+describes the model by its GGUF metadata (`model_info`) and its tensors (`TensorMeta`)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
@@ -78,7 +81,7 @@ class TensorMeta:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The hyper-parameters the rules look at, from the GGUF metadata."""
+    """The hyper-parameters the rules look at: made by `model_info`."""
     arch: str
     n_layer: int
     n_head: int
@@ -93,6 +96,20 @@ class ModelInfo:
     def is_70b(self) -> bool:
         # llama.cpp's LLM_TYPE_70B, which gets more bits on attn_v
         return self.arch == "llama" and self.n_layer == 80 and self.n_head != self.n_head_kv
+
+
+def model_info(metadata: Mapping) -> ModelInfo:
+    """The hyper-parameters of a model from its GGUF metadata as plain values: a GGUF header's, or
+    what a checkpoint's family writes (convert chooses types as if quantizing its own F32 file)."""
+    arch = str(metadata.get("general.architecture", "unknown"))
+
+    def value(key: str, default: int) -> int:
+        v = metadata.get(f"{arch}.{key}", default)
+        return int(v[0] if isinstance(v, list) else v)  # per-layer arrays: llama.cpp's n_gqa() uses layer 0
+
+    n_head = value("attention.head_count", 0)
+    return ModelInfo(arch, value("block_count", 0), n_head, value("attention.head_count_kv", n_head),
+                     value("expert_count", 0))
 
 
 @dataclass
@@ -258,13 +275,12 @@ def _mixture_type(mixture: str, model: ModelInfo, t: TensorMeta, new: GGMLQuanti
     return new
 
 
-def fallback(t: TensorMeta, qtype: GGMLQuantizationType) -> GGMLQuantizationType:
-    """A type whose block fits the row length: a 32-block relative, else F16."""
-    block = GGML_QUANT_SIZES[qtype][0]
-    if t.ne[0] % block == 0:
+def fallback(qtype: GGMLQuantizationType, row_length: int) -> GGMLQuantizationType:
+    """A type whose block fits the row length: `qtype`, else a 32-block relative, else F16."""
+    if row_length % GGML_QUANT_SIZES[qtype][0] == 0:
         return qtype
     qtype = FALLBACK.get(qtype, qtype)
-    return qtype if t.ne[0] % GGML_QUANT_SIZES[qtype][0] == 0 else Q.F16
+    return qtype if row_length % GGML_QUANT_SIZES[qtype][0] == 0 else Q.F16
 
 
 def choose_types(tensors: list[TensorMeta], model: ModelInfo, mixture: str, opts: Options | None = None,
@@ -293,9 +309,9 @@ def _tensor_type(t: TensorMeta, mixture: str, model: ModelInfo, default: GGMLQua
     if default in FLOAT_TYPES:
         return default
     if override is not None:
-        return fallback(t, override)
+        return fallback(override, t.ne[0])
     new = default if opts.pure else _mixture_type(mixture, model, t, default, opts, has_imatrix, tied, counters)
-    return fallback(t, new)
+    return fallback(new, t.ne[0])
 
 
 def requires_imatrix(name: str, qtype: GGMLQuantizationType, mixture: str) -> bool:

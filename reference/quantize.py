@@ -1,6 +1,6 @@
-"""llama-quantize and llama-imatrix as references for `ggufkit quantize` / `ggufkit imatrix`
-(tests and benchmarks only), plus small synthetic GGUFs that reach the mixture rules the real test
-models cannot (256-multiple rows, GQA 4, 8 experts, separate output)."""
+"""llama-quantize and llama-imatrix as references for `ggufkit quantize` / `ggufkit imatrix`, small
+synthetic GGUFs that reach the mixture rules the real test models cannot (256-multiple rows, GQA 4,
+8 experts, separate output), and comparisons of GGUF files and tensors."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggufkit.kquants.imatrix import Entry, Imatrix, write_imatrix
-from ggufkit.kquants.mixtures import MIXTURES, choose_types
-from ggufkit.kquants.quantize_gguf import model_info, tensor_metas
-from ggufkit.runtime.header import read_header, tensor_data
-from tests.reference import llama_tool
+from ggufkit.commands.quantize import tensor_metas
+from ggufkit.gguffile.imatrix import Entry, Imatrix, write_imatrix
+from ggufkit.gguffile.reader import read_header, tensor_data
+from ggufkit.mixtures import MIXTURES, choose_types, model_info
+from reference.llama_cpp import llama_tool
 
 Q = gguf.GGMLQuantizationType
 # "[  7/272] blk.0.attn_v.weight - [576, 192, 1, 1], type = f32, size = 0.42 MiB -> 0.11 MiB (q8_0)"
@@ -47,7 +47,7 @@ def reference_types(src: Path, mixture: str, *flags: str) -> dict[str, Q]:
 @functools.lru_cache(maxsize=8)
 def _tensor_table(src: Path):
     header = read_header(src, arrays=True)
-    return tensor_metas(header), model_info(header)
+    return tensor_metas(header), model_info(header.metadata)
 
 
 def ggufkit_types(src: Path, mixture: str, has_imatrix: bool = False, opts=None) -> dict[str, Q]:
@@ -135,6 +135,13 @@ def metadata(path: Path) -> dict:
     h = read_header(path, arrays=True)
     kv = {k: (h.value_types[k], len(v) if isinstance(v, list) and len(v) > 64 else v) for k, v in h.metadata.items()}
     return {"kv": kv, "order": [t.name for t in h.tensors]}
+
+
+def real_matrix(path: Path, name: str, rows: int | None = None) -> np.ndarray:
+    """The first `rows` rows of a GGUF's tensor, dequantized to float32 (rows, row_length)."""
+    header = read_header(path)
+    info = next(t for t in header.tensors if t.name == name)
+    return gguf.quants.dequantize(np.array(tensor_data(header, info)[:rows]), info.type).astype(np.float32)
 
 
 def needed_types(types: dict[str, Q]) -> set[Q]:

@@ -2,7 +2,8 @@
 (per weight `<name>.in_sum2`, the summed squared input activations per column and expert, and
 `<name>.counts`, the tokens seen per expert; `imatrix.*` keys), and the legacy `.dat` format.
 
-What a quantizer uses is the mean squared activation per column: `Imatrix.weights(name)`."""
+What a quantizer uses is the mean squared activation per column: `Imatrix.weights(name)`, matched
+to the tensors about to be quantized by `weights_for`."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
-from ggufkit.convert.export_hf import open_gguf
-from ggufkit.convert.writer import atomic_gguf
 from ggufkit.errors import GgufkitError
+from ggufkit.gguffile.reader import read_header, tensor_data
+from ggufkit.gguffile.writer import TensorOut, write_gguf
 
+F32 = GGMLQuantizationType.F32
 SUMS, COUNTS = ".in_sum2", ".counts"
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 
@@ -58,32 +61,31 @@ def read_imatrix(path) -> Imatrix:
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    reader = open_gguf(path)
-    fields = reader.fields
-    missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in fields]
+    header = read_header(path, arrays=True)
+    kv = header.metadata
+    missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in kv]
     if missing:  # llama-quantize refuses these too
         raise GgufkitError(f"not an imatrix: missing metadata {', '.join(missing)}", path)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in header.tensors}
     entries = {}
     for name in sorted(n[:-len(SUMS)] for n in tensors if n.endswith(SUMS)):
         sums, counts = tensors[name + SUMS], tensors.get(name + COUNTS)
         if counts is None:
             raise GgufkitError(f"entry {name!r} has sums but no counts", path)
-        if sums.tensor_type != 0 or counts.tensor_type != 0:
+        if sums.type != F32 or counts.type != F32:
             raise GgufkitError(f"entry {name!r}: sums and counts must be F32", path)
-        n_mat = int(counts.n_elements)
+        n_mat = counts.n_elements
         if n_mat == 0 or sums.n_elements % n_mat:
             raise GgufkitError(f"entry {name!r}: {sums.n_elements} sums do not split into {n_mat} experts", path)
         # llama.cpp rounds the stored float counts to integers
-        entries[name] = Entry(np.array(sums.data, dtype=np.float32).reshape(n_mat, -1),
-                              np.rint(np.asarray(counts.data, dtype=np.float32).ravel()))
+        entries[name] = Entry(np.array(tensor_data(header, sums).view(np.float32)).reshape(n_mat, -1),
+                              np.rint(np.array(tensor_data(header, counts).view(np.float32)).ravel()))
     orphans = [n for n in tensors if n.endswith(COUNTS) and n[:-len(COUNTS)] not in entries]
     if orphans:
         raise GgufkitError(f"tensor {orphans[0]!r} has no matching {SUMS}", path)
     if not entries:
         raise GgufkitError("imatrix has no entries", path)
-    return Imatrix(entries, list(fields[KEY_DATASETS].contents()), int(fields[KEY_CHUNK_COUNT].contents()),
-                   int(fields[KEY_CHUNK_SIZE].contents()))
+    return Imatrix(entries, list(kv[KEY_DATASETS]), int(kv[KEY_CHUNK_COUNT]), int(kv[KEY_CHUNK_SIZE]))
 
 
 def _read_legacy(path: Path) -> Imatrix:
@@ -165,21 +167,20 @@ def write_imatrix(imatrix: Imatrix, out) -> Path:
     """The GGUF format, entries sorted by name, as llama-imatrix writes it."""
     if imatrix.legacy:
         raise ValueError("write_imatrix takes raw sums and counts, not a legacy imatrix")
-    with atomic_gguf(Path(out), "imatrix") as w:
-        # An imatrix is not a model: llama-imatrix writes no general.architecture.
-        del w.kv_data[0]["general.architecture"]
+    tensors = []
+    for name in sorted(imatrix.entries):
+        e = imatrix.entries[name]
+        sums = np.ascontiguousarray(e.sums, dtype=np.float32)
+        counts = np.asarray(e.counts, dtype=np.float32).reshape(-1, 1)
+        # ggml drops trailing dimensions of 1: a dense weight's entry is stored 1-D
+        for suffix, data in ((SUMS, sums), (COUNTS, counts)):
+            data = data[0] if len(data) == 1 else data
+            tensors.append(TensorOut(name + suffix, data.shape, F32, [data]))
+
+    def metadata(w) -> None:
         w.add_type("imatrix")
         w.add_array(KEY_DATASETS, list(imatrix.datasets))
         w.add_uint32(KEY_CHUNK_COUNT, imatrix.chunk_count)
         w.add_uint32(KEY_CHUNK_SIZE, imatrix.chunk_size)
-        for name in sorted(imatrix.entries):
-            e = imatrix.entries[name]
-            sums = np.ascontiguousarray(e.sums, dtype=np.float32)
-            counts = np.asarray(e.counts, dtype=np.float32).reshape(-1, 1)
-            # ggml drops trailing dimensions of 1: a dense weight's entry is stored 1-D
-            w.add_tensor(name + SUMS, sums[0] if len(sums) == 1 else sums)
-            w.add_tensor(name + COUNTS, counts[0] if len(counts) == 1 else counts)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    return w.produced[0]
+
+    return write_gguf(out, None, tensors, metadata, desc="imatrix")[0]

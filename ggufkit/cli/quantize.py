@@ -1,5 +1,4 @@
-"""CLI commands owned by kquants: `quantize` (GGUF -> quantized GGUF) and `imatrix` (importance
-matrix collection, registered here so that runtime's CLI module stays its owner's)."""
+"""`quantize` (GGUF -> quantized GGUF) and `imatrix` (importance matrix collection, the step before it)."""
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ import argparse
 
 
 def cmd_quantize(args) -> int:
-    from ggufkit.kquants.quantize_gguf import quantize_gguf, summary
+    from ggufkit.commands.quantize import quantize_gguf, summary
 
     result = quantize_gguf(args.input, args.output, args.type, imatrix=args.imatrix, tensor_types=args.tensor_type,
                            output_tensor_type=args.output_tensor_type,
@@ -29,7 +28,7 @@ def cmd_imatrix(args) -> int:
 
 
 def register(sub) -> None:
-    from ggufkit.kquants.mixtures import MIXTURES
+    from ggufkit.mixtures import MIXTURES
 
     p = sub.add_parser(
         "quantize", help="GGUF -> quantized GGUF with llama.cpp's mixtures (Q4_K_M, Q8_0, ...)",

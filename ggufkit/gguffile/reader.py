@@ -1,8 +1,9 @@
-"""Fast, strict reading of a GGUF header: metadata and tensor table, never the tensor data.
+"""The one GGUF reader: a fast, strict parse of the header (metadata, tensor table), and each
+tensor's bytes memory-mapped on demand (`tensor_data`).
 
-llama.cpp crashes or floods stderr on a bad file, and gguf.GGUFReader takes seconds on a large
-vocabulary and cannot tell a truncated file from a corrupt one, so every runtime command checks
-the file here first and turns each problem into one GgufkitError line."""
+llama.cpp crashes or floods stderr on a bad file, and gguf's own reader takes seconds on a large
+vocabulary and cannot tell a truncated file from a corrupt one, so every command reads GGUF files
+here and each problem becomes one GgufkitError line."""
 
 from __future__ import annotations
 

@@ -1,43 +1,21 @@
-"""CLI commands owned by convert: `convert` (checkpoint -> GGUF) and `export-hf` (GGUF -> checkpoint)."""
+"""`convert` (checkpoint -> GGUF) and `export-hf` (GGUF -> checkpoint)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ggufkit.convert.writer import parse_size
+from ggufkit.gguffile.split import parse_size
 
 
 def cmd_convert(args) -> int:
-    from ggufkit.convert.calibrated import convert_calibrated
-    from ggufkit.convert.pipeline import MIXTURE_TYPES, convert
-    from ggufkit.errors import GgufkitError
-    from ggufkit.runtime.inspect import type_table
+    from ggufkit.commands.convert import convert_command
 
-    report = []
-    kwargs = dict(force=args.force, allow_nonfinite=args.allow_nonfinite,
-                  split_max_size=parse_size(args.split_max_size) if args.split_max_size else 0,
-                  qat=args.qat == "auto", report=report, allow_missing=args.allow_missing)
-    if args.calibration is not None and args.imatrix is not None:
-        raise GgufkitError("give --imatrix or --calibration, not both")
-    if args.calibration is not None:
-        out = convert_calibrated(args.src, args.output, args.type, args.calibration, ctx=args.calibration_ctx,
-                                 chunks=args.calibration_chunks, n_gpu_layers=args.n_gpu_layers,
-                                 threads=args.threads, **kwargs)
-    else:
-        if args.type in MIXTURE_TYPES and args.imatrix is None:
-            print(f"ggufkit: quantizing to {args.type} without an importance matrix "
-                  "(--calibration [TEXT...] or --imatrix FILE give better quality)", file=sys.stderr)
-        out = convert(args.src, args.output, out_type=args.type, imatrix=args.imatrix, **kwargs)
-    if report:
-        exact = sum(r.exact for r in report)
-        print(f"--qat: {exact}/{len(report)} tensors on the grid, written exactly", file=sys.stderr)
-        for r in report:
-            status = "exact" if r.exact else "not on the grid, quantized"
-            print(f"  {r.name:40s} {r.qtype:5s} {status:27s} max error {r.max_error:.3g}", file=sys.stderr)
-    if args.type in MIXTURE_TYPES and not args.split_max_size:
-        print(type_table(out), file=sys.stderr)
-    print(out)
+    print(convert_command(args.src, args.output, args.type, calibration=args.calibration, imatrix=args.imatrix,
+                          calibration_ctx=args.calibration_ctx, calibration_chunks=args.calibration_chunks,
+                          n_gpu_layers=args.n_gpu_layers, threads=args.threads, force=args.force,
+                          allow_nonfinite=args.allow_nonfinite, qat=args.qat == "auto",
+                          split_max_size=parse_size(args.split_max_size) if args.split_max_size else 0,
+                          allow_missing=args.allow_missing))
     return 0
 
 

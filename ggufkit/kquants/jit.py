@@ -1,0 +1,110 @@
+"""numba set-up for the compiled kernels, and ggml's scalar float helpers in compiled form.
+
+Kernels are compiled on first use and cached on disk (NUMBA_CACHE_DIR, by default under
+~/.cache/ggufkit/numba), so a second process compiles nothing. They release the GIL: `api`
+runs them on one thread per core over row chunks, as ggml_quantize_chunk's callers do.
+
+Float semantics: every value is float32 and every expression is evaluated in ggml's operation
+order; no fastmath (LLVM then neither reorders sums nor fuses multiply-adds, as ggml is built with
+-std=c11, i.e. -ffp-contract=off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def _cache_dir() -> Path:
+    """A cache folder per version of these sources: numba checks only the timestamp of the file that
+    defines a kernel, not of the helpers compiled into it from other files."""
+    sources = sorted(Path(__file__).parent.glob("*.py"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    root = Path(os.environ.get("GGUFKIT_CACHE") or Path.home() / ".cache" / "ggufkit")
+    return root / "numba" / digest
+
+
+# Must be set before numba is imported anywhere: numba reads it once.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(_cache_dir()))
+
+import numpy as np  # noqa: E402
+from numba import njit  # noqa: E402
+
+F32 = np.float32
+GROUP_MAX_EPS = np.float32(1e-15)
+_MAGIC = np.float32(12582912.0)
+
+
+def kernel(fn):
+    """A compiled, cached kernel that runs without the GIL."""
+    return njit(cache=True, nogil=True, error_model="numpy")(fn)
+
+
+def inline(fn):
+    """A helper compiled into the kernels that call it."""
+    return njit(inline="always", cache=True, error_model="numpy")(fn)
+
+
+@inline
+def nearest_int(v):
+    """ggml's nearest_int bit for bit: round half to even for |v| < 2^22, and the same value as its
+    12582912 magic-number trick outside that range (0 for NaN)."""
+    return (np.float32(v + _MAGIC).view(np.int32) & np.int32(0x7FFFFF)) - np.int32(0x400000)
+
+
+@inline
+def nearest_f(v, lo, hi):
+    """MAX(lo, MIN(hi, nearest_int(v))) as a float32 (lo, hi float32)."""
+    return min(max(np.float32(nearest_int(v)), lo), hi)
+
+
+@inline
+def fp16_bits(f):
+    """GGML_FP32_TO_FP16 (F16C, round to nearest even, overflow to inf) as an int in [0, 65535]."""
+    u = np.int64(np.float32(f).view(np.uint32))
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a >= 0x7F800000:  # inf, or NaN keeping its top payload bits
+        h = 0x7C00 | ((a & 0x7FFFFF) >> 13)
+        return sign | (0x7C01 if a != 0x7F800000 and h == 0x7C00 else h)
+    if a >= 0x38800000:  # a normal half (or overflow to inf)
+        h = (a - 0x38000000) >> 13
+        rem = a & 0x1FFF
+        if rem > 0x1000 or (rem == 0x1000 and (h & 1) == 1):
+            h += 1
+        return sign | min(h, 0x7C00)
+    # subnormal half: |f| in units of 2^-24 (exact in float32), rounded half to even
+    return sign | np.int64(nearest_int(abs(np.float32(f)) * np.float32(16777216.0)))
+
+
+@inline
+def fp16_value(h):
+    """GGML_FP16_TO_FP32 of half bits h."""
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = np.float32(m) * np.float32(5.9604644775390625e-08)
+        return -v if h & 0x8000 else v
+    sign = np.int64(h & 0x8000) << 16
+    bits = sign | (np.int64(0x7F800000) if e == 31 else np.int64(e + 112) << 23) | (np.int64(m) << 13)
+    return np.uint32(bits).view(np.float32)
+
+
+@inline
+def c_int8(v):
+    """C's (int8_t)f for a float f as x86 compiles it: truncate to int32 (0x80000000 when out of range
+    or NaN), keep the low byte, as a signed value."""
+    ok = (v > F32(-2147483648.0)) & (v < F32(2147483648.0))  # false for NaN
+    i = np.int32(v if ok else F32(0))  # a select, then an in-range cast: vectorizes, no poison
+    b = (i if ok else np.int32(-2147483648)) & np.int32(0xFF)
+    return b - np.int32(256) if b > np.int32(127) else b
+
+
+@inline
+def put_fp16(out, pos, f):
+    """Store GGML_FP32_TO_FP16(f) little-endian at out[pos:pos+2]; returns the stored half's value."""
+    h = fp16_bits(f)
+    out[pos] = h & 0xFF
+    out[pos + 1] = h >> 8
+    return fp16_value(h)
