@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufkit.kquants.jit import F32, GROUP_MAX_EPS, inline, kernel, nearest_int, put_fp16
+from ggufkit.kquants.jit import F32, GROUP_MAX_EPS, inline, kernel, lane_mat, lane_vec, nearest_int, put_fp16
 from ggufkit.kquants.legacy import put_nibbles
 from ggufkit.kquants.search import LANES, signed_absmax
 
@@ -41,7 +41,7 @@ def grid_value(v):
 
 @inline
 def _sums(x, w, inv, sumqx, sumq2):
-    n, lanes = x.shape
+    n, lanes = x.shape[0], LANES
     for k in range(lanes):
         sumqx[k] = 0
         sumq2[k] = 0
@@ -56,11 +56,11 @@ def _sums(x, w, inv, sumqx, sumq2):
 @inline
 def block_scales(x, w, d):
     """The per-32-block scale of quantize_row_iq4_nl_impl per lane: ntry search of d over the grid."""
-    lanes = x.shape[1]
-    mx, amax = np.empty(lanes, F32), np.empty(lanes, F32)
+    lanes = LANES
+    mx, amax = lane_vec(F32), lane_vec(F32)
     signed_absmax(x, mx, amax)
-    inv, best = np.empty(lanes, F32), np.empty(lanes, F32)
-    sumqx, sumq2 = np.empty(lanes, F32), np.empty(lanes, F32)
+    inv, best = lane_vec(F32), lane_vec(F32)
+    sumqx, sumq2 = lane_vec(F32), lane_vec(F32)
     for k in range(lanes):
         inv[k] = F32(1) / (-mx[k] / F32(KVALUES[0]))
     _sums(x, w, inv, sumqx, sumq2)
@@ -71,10 +71,11 @@ def block_scales(x, w, d):
         for k in range(lanes):
             inv[k] = F32(itry + KVALUES[0]) / mx[k]
         _sums(x, w, inv, sumqx, sumq2)
-        for k in range(lanes):
-            if sumq2[k] > 0 and sumqx[k] * sumqx[k] > best[k] * sumq2[k]:
-                d[k] = sumqx[k] / sumq2[k]
-                best[k] = d[k] * sumqx[k]
+        for k in range(lanes):  # selects, not branches: this loop vectorizes too
+            better = (sumq2[k] > 0) & (sumqx[k] * sumqx[k] > best[k] * sumq2[k])
+            dk = sumqx[k] / sumq2[k]
+            d[k] = dk if better else d[k]
+            best[k] = dk * sumqx[k] if better else best[k]
     for k in range(lanes):
         if amax[k] < GROUP_MAX_EPS:
             d[k] = 0
@@ -108,8 +109,8 @@ def gather_weights(x, qw, cols, first, n_blocks, super_block, xt, wt):
 @kernel
 def iq4_nl(x, qw, cols, out, nmax, type_size):
     n_blocks = x.shape[0] // QK
-    xt, wt = np.empty((QK, LANES), np.float32), np.empty((QK, LANES), np.float32)
-    d = np.empty(LANES, np.float32)
+    xt, wt = lane_mat(QK, np.float32), lane_mat(QK, np.float32)
+    d = lane_vec(np.float32)
     L = np.empty((QK, 1), np.uint8)
     for first in range(0, n_blocks, LANES):
         gather_weights(x, qw, cols, first, n_blocks, QK, xt, wt)
@@ -126,8 +127,8 @@ def iq4_nl(x, qw, cols, out, nmax, type_size):
 @kernel
 def iq4_xs(x, qw, cols, out, nmax, type_size):
     n_blocks = x.shape[0] // QK
-    xt, wt = np.empty((QK, LANES), np.float32), np.empty((QK, LANES), np.float32)
-    scales = np.empty(LANES, np.float32)
+    xt, wt = lane_mat(QK, np.float32), lane_mat(QK, np.float32)
+    scales = lane_vec(np.float32)
     L = np.empty((QK, 1), np.uint8)
     for first in range(0, n_blocks, LANES):
         gather_weights(x, qw, cols, first, n_blocks, QK_K, xt, wt)

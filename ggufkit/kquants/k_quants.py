@@ -11,22 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufkit.kquants.jit import F32, GROUP_MAX_EPS, inline, kernel, nearest_f, nearest_int, put_fp16
-from ggufkit.kquants.search import LANES, make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants
+from ggufkit.kquants.jit import (F32, GROUP_MAX_EPS, inline, kernel, lane_mat, lane_vec, nearest_f, nearest_int,
+                                 put_fp16)
+from ggufkit.kquants.search import (LANES, gather_blocks, make_q3_quants, make_qkx_quants, make_qp_quants,
+                                    make_qx_quants)
 
 QK_K = 256
 
 
 # ---- shared steps -------------------------------------------------------------------------------
-
-@inline
-def gather(x, first, n, n_sub, xt):
-    """Sub-blocks first..first+LANES-1 of length n into lanes (zero past the last one)."""
-    for k in range(LANES):
-        b = first + k
-        for i in range(n):
-            xt[i, k] = x[b * n + i] if b < n_sub else F32(0)
-
 
 @inline
 def super_sums(x, first, n, n_sub, sigma2, factor):
@@ -142,14 +135,14 @@ def affine_k4(x, qw, cols, out, nmax, type_size):
     """Q4_K (nmax 15, 144 bytes) and Q5_K (nmax 31, 176 bytes), with or without an imatrix."""
     n_sub = x.shape[0] // 32
     use_qw = qw.shape[0] > 0
-    xt, wt = np.empty((32, LANES), np.float32), np.empty((32, LANES), np.float32)
-    L = np.empty((32, LANES), np.uint8)
-    scale, the_min = np.empty(LANES, np.float32), np.empty(LANES, np.float32)
-    sigma2, sw = np.empty(LANES * 32 // QK_K, np.float32), np.empty(LANES, np.float32)
+    xt, wt = lane_mat(32, np.float32), lane_mat(32, np.float32)
+    L = lane_mat(32, np.uint8)
+    scale, the_min = lane_vec(np.float32), lane_vec(np.float32)
+    sigma2, sw = np.empty(LANES * 32 // QK_K, np.float32), lane_vec(np.float32)
     ls, lm = np.empty(8, np.int64), np.empty(8, np.int64)
     qs, qm = np.empty(8, np.uint8), np.empty(8, np.uint8)
     for first in range(0, n_sub, LANES):
-        gather(x, first, 32, n_sub, xt)
+        gather_blocks(x, first, 32, n_sub, xt)
         if use_qw:
             super_sums(x, first, 32, n_sub, sigma2, 2)
             impl_weights(x, qw, cols, first, 32, n_sub, sigma2, xt, wt, sw)
@@ -206,12 +199,12 @@ def affine_k4(x, qw, cols, out, nmax, type_size):
 def q6_k(x, qw, cols, out, nmax, type_size):
     n_sub = x.shape[0] // 16
     use_qw = qw.shape[0] > 0
-    xt, wt = np.empty((16, LANES), np.float32), np.empty((16, LANES), np.float32)
-    L = np.empty((16, LANES), np.uint8)
-    scale = np.empty(LANES, np.float32)
+    xt, wt = lane_mat(16, np.float32), lane_mat(16, np.float32)
+    L = lane_mat(16, np.uint8)
+    scale = lane_vec(np.float32)
     q = np.empty(4, np.int64)
     for first in range(0, n_sub, LANES):
-        gather(x, first, 16, n_sub, xt)
+        gather_blocks(x, first, 16, n_sub, xt)
         if use_qw:  # the impl path weights by the imatrix alone
             for k in range(LANES):
                 for i in range(16):
@@ -254,16 +247,16 @@ def q3_k(x, qw, cols, out, nmax, type_size):
     n_sub = x.shape[0] // 16
     n_super = n_sub // 16
     use_qw = qw.shape[0] > 0
-    xt, wt = np.empty((16, LANES), np.float32), np.empty((16, LANES), np.float32)
+    xt, wt = lane_mat(16, np.float32), lane_mat(16, np.float32)
     Ls = np.empty((LANES, 16, LANES), np.uint8)  # per super-block: its sub-blocks' levels
     scales, sws = np.zeros((16, LANES), np.float32), np.zeros((16, LANES), np.float32)  # [j, super-block]
-    scale, sigma2, sw = np.empty(LANES, np.float32), np.empty(1, np.float32), np.empty(LANES, np.float32)
-    sc_l, sc_d = np.empty((16, LANES), np.uint8), np.empty(LANES, np.float32)
+    scale, sigma2, sw = lane_vec(np.float32), np.empty(1, np.float32), lane_vec(np.float32)
+    sc_l, sc_d = lane_mat(16, np.uint8), lane_vec(np.float32)
     levels = np.empty(16, np.int64)
     for batch in range(0, n_super, LANES):
         for s in range(min(LANES, n_super - batch)):
             first = (batch + s) * 16
-            gather(x, first, 16, n_sub, xt)
+            gather_blocks(x, first, 16, n_sub, xt)
             if use_qw:
                 super_sums(x, first, 16, n_sub, sigma2, 2)
                 impl_weights(x, qw, cols, first, 16, n_sub, sigma2, xt, wt, sw)
@@ -325,14 +318,14 @@ def q3_k(x, qw, cols, out, nmax, type_size):
 def q2_k(x, qw, cols, out, nmax, type_size):
     n_sub = x.shape[0] // 16
     use_qw = qw.shape[0] > 0
-    xt, wt = np.empty((16, LANES), np.float32), np.empty((16, LANES), np.float32)
-    L = np.empty((16, LANES), np.uint8)
-    scale, the_min = np.empty(LANES, np.float32), np.empty(LANES, np.float32)
-    sigma2, sw = np.empty(1, np.float32), np.empty(LANES, np.float32)
+    xt, wt = lane_mat(16, np.float32), lane_mat(16, np.float32)
+    L = lane_mat(16, np.uint8)
+    scale, the_min = lane_vec(np.float32), lane_vec(np.float32)
+    sigma2, sw = np.empty(1, np.float32), lane_vec(np.float32)
     ls, lm = np.empty(16, np.uint8), np.empty(16, np.uint8)
     for first in range(0, n_sub, LANES):
         pos = first // 16 * type_size
-        gather(x, first, 16, n_sub, xt)
+        gather_blocks(x, first, 16, n_sub, xt)
         if use_qw:
             super_sums(x, first, 16, n_sub, sigma2, 1)
             impl_weights(x, qw, cols, first, 16, n_sub, sigma2, xt, wt, sw)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufkit.kquants.jit import F32, c_int8, kernel, inline, put_fp16
+from ggufkit.kquants.jit import F32, abs_key, c_int8, inline, kernel, lane_mat, lane_vec, put_fp16
 from ggufkit.kquants.search import LANES, make_qkx_quants, make_qx_quants
 
 QK = 32
@@ -69,8 +69,8 @@ def symmetric_search(x, qw, cols, out, nmax, type_size):
     n_blocks = x.shape[0] // QK
     sigma2 = np.empty(x.shape[0] // cols, np.float32)
     row_sigma2(x, cols, sigma2.shape[0], sigma2)
-    xt, wt = np.empty((QK, LANES), np.float32), np.empty((QK, LANES), np.float32)
-    L, scale = np.empty((QK, LANES), np.uint8), np.empty(LANES, np.float32)
+    xt, wt = lane_mat(QK, np.float32), lane_mat(QK, np.float32)
+    L, scale = lane_mat(QK, np.uint8), lane_vec(np.float32)
     for first in range(0, n_blocks, LANES):
         gather_weighted(x, qw, cols, sigma2, first, n_blocks, xt, wt)
         make_qx_quants(xt, wt, nmax, L, scale)
@@ -88,9 +88,9 @@ def affine_search(x, qw, cols, out, nmax, type_size):
     n_blocks = x.shape[0] // QK
     sigma2 = np.empty(x.shape[0] // cols, np.float32)
     row_sigma2(x, cols, sigma2.shape[0], sigma2)
-    xt, wt = np.empty((QK, LANES), np.float32), np.empty((QK, LANES), np.float32)
-    L = np.empty((QK, LANES), np.uint8)
-    scale, the_min = np.empty(LANES, np.float32), np.empty(LANES, np.float32)
+    xt, wt = lane_mat(QK, np.float32), lane_mat(QK, np.float32)
+    L = lane_mat(QK, np.uint8)
+    scale, the_min = lane_vec(np.float32), lane_vec(np.float32)
     for first in range(0, n_blocks, LANES):
         gather_weighted(x, qw, cols, sigma2, first, n_blocks, xt, wt)
         make_qkx_quants(xt, wt, nmax, -0.9, 0.05, 36, False, L, scale, the_min)
@@ -159,23 +159,19 @@ def affine_ref(x, qw, cols, out, nmax, type_size):
 @kernel
 def q8_0(x, qw, cols, out, nmax, type_size):
     """quantize_row_q8_0_ref: d = amax/127, levels roundf(x/d) (half away from zero)."""
-    n_blocks = x.shape[0] // QK
-    for b in range(n_blocks):
-        base = b * QK
-        amax = F32(0)
+    for b in range(x.shape[0] // QK):
+        base, pos = b * QK, b * type_size
+        top = 0
         for j in range(QK):
-            a = abs(x[base + j])
-            amax = amax if amax > a else a
-        d = amax / F32(127)
+            top = max(top, abs_key(x[base + j]))
+        d = np.int32(top).view(np.float32) / F32(127)
         inv = F32(1) / d if d != 0 else F32(0)
-        pos = b * type_size
         put_fp16(out, pos, d)
         for j in range(QK):
             v = x[base + j] * inv
             t = np.trunc(v)
-            if abs(v - t) >= F32(0.5):
-                t += F32(1) if v > 0 else F32(-1)
-            out[pos + 2 + j] = c_int8(t) & 0xFF
+            r = t + (F32(1) if v > 0 else F32(-1)) if abs(v - t) >= F32(0.5) else t
+            out[pos + 2 + j] = c_int8(r) & 0xFF
 
 
 @kernel

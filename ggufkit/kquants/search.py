@@ -12,10 +12,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufkit.kquants.jit import F32, GROUP_MAX_EPS, inline, nearest_f, nearest_int
+from ggufkit.kquants.jit import (F32, GROUP_MAX_EPS, inline, lane_mat, lane_vec, level_f, nearest_f, nearest_int,
+                                 round_f)
+
+# Below this, round_f's float rounding equals ggml's nearest_int (exact up to 2^22).
+BOUND = np.float32(2**21)
 
 # Lanes per call: 16 float32, one AVX-512 vector (two AVX2 ones).
 LANES = 16
+
+
+@inline
+def gather_blocks(x, first, n, n_blocks, xt):
+    """Blocks first..first+LANES-1 of length n of the flat x into lanes (zero past the last one)."""
+    for k in range(LANES):
+        b = first + k
+        for i in range(n):
+            xt[i, k] = x[b * n + i] if b < n_blocks else F32(0)
 
 
 @inline
@@ -44,7 +57,7 @@ def _qx_sums(x, w, iscale, lo, hi, acc):
         acc[1, k] = 0
     for i in range(n):
         for k in range(lanes):
-            lf = nearest_f(iscale[k] * x[i, k], lo, hi)
+            lf = round_f(iscale[k] * x[i, k], lo, hi)  # |arg| <= nmax + 1 in kept lanes
             acc[0, k] += w[i, k] * x[i, k] * lf
             acc[1, k] += w[i, k] * lf * lf
 
@@ -55,10 +68,10 @@ def make_qx_quants(x, w, nmax, L, scale):
     [0, 2*nmax - 1], scale (lanes,). ggml's qw=NULL is w = x*x, filled in by the caller."""
     n, lanes = x.shape[0], LANES
     lo, hi = F32(-nmax), F32(nmax - 1)
-    mx, amax = np.empty(lanes, F32), np.empty(lanes, F32)
+    mx, amax = lane_vec(F32), lane_vec(F32)
     signed_absmax(x, mx, amax)
-    iscale, best_iscale = np.empty(lanes, F32), np.empty(lanes, F32)
-    acc, best = np.empty((2, lanes), F32), np.empty(lanes, F32)
+    iscale, best_iscale = lane_vec(F32), lane_vec(F32)
+    acc, best = lane_mat(2, F32), lane_vec(F32)
     for k in range(lanes):
         iscale[k] = F32(-nmax) / mx[k]
     _qx_sums(x, w, iscale, lo, hi, acc)
@@ -73,15 +86,16 @@ def make_qx_quants(x, w, nmax, L, scale):
         for k in range(lanes):
             iscale[k] = -(F32(nmax) + F32(0.1) * F32(step)) / mx[k]
         _qx_sums(x, w, iscale, lo, hi, acc)
-        for k in range(lanes):
+        for k in range(lanes):  # selects, not branches: this loop vectorizes too
             sumlx, suml2 = acc[0, k], acc[1, k]
-            if suml2 > 0 and sumlx * sumlx > best[k] * suml2:
-                scale[k] = sumlx / suml2
-                best[k] = scale[k] * sumlx
-                best_iscale[k] = iscale[k]
+            better = (suml2 > 0) & (sumlx * sumlx > best[k] * suml2)
+            s = sumlx / suml2
+            scale[k] = s if better else scale[k]
+            best[k] = s * sumlx if better else best[k]
+            best_iscale[k] = iscale[k] if better else best_iscale[k]
     for i in range(n):
         for k in range(lanes):
-            L[i, k] = np.uint8(nearest_f(best_iscale[k] * x[i, k], lo, hi) + F32(nmax))
+            L[i, k] = np.uint8(round_f(best_iscale[k] * x[i, k], lo, hi) + F32(nmax))
     for k in range(lanes):
         if amax[k] < GROUP_MAX_EPS:  # all zero: ggml returns 0 with L = 0
             scale[k] = 0
@@ -97,8 +111,8 @@ def make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
     n, lanes = x.shape[0], LANES
     fmax, frmin, frdelta = F32(nmax), F32(rmin), F32(rdelta)
     zero = F32(0)
-    mn, mx = np.empty(lanes, F32), np.empty(lanes, F32)
-    sum_w, sum_x = np.empty(lanes, F32), np.empty(lanes, F32)
+    mn, mx = lane_vec(F32), lane_vec(F32)
+    sum_w, sum_x = lane_vec(F32), lane_vec(F32)
     for k in range(lanes):
         mn[k] = x[0, k]
         mx[k] = x[0, k]
@@ -113,12 +127,15 @@ def make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
                 mx[k] = v
             sum_w[k] += w[i, k]
             sum_x[k] += w[i, k] * v
-    flat = np.empty(lanes, np.bool_)
-    iscale, best = np.empty(lanes, F32), np.zeros(lanes, F32)
+    flat = lane_vec(np.uint8)  # booleans as 0/1 bytes
+    lowest = lane_vec(F32)  # the block minimum, before min is capped at 0
+    iscale, best = lane_vec(F32), lane_vec(F32)
     # The levels of the best step are recomputed at the end from its scale and min (cheaper than
     # copying them at every improvement).
-    best_iscale, best_mn = np.empty(lanes, F32), np.empty(lanes, F32)
+    best_iscale, best_mn = lane_vec(F32), lane_vec(F32)
     for k in range(lanes):
+        lowest[k] = mn[k]
+        best[k] = 0
         if mn[k] > 0:
             mn[k] = 0
         flat[k] = mx[k] <= mn[k]
@@ -128,22 +145,25 @@ def make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
         best_mn[k] = mn[k]
     for i in range(n):
         for k in range(lanes):
-            lf = nearest_f(iscale[k] * (x[i, k] - mn[k]), zero, fmax)
+            lf = round_f(iscale[k] * (x[i, k] - mn[k]), zero, fmax)  # in [0, nmax]: x lies in [min, max]
             diff = scale[k] * lf + mn[k] - x[i, k]
             best[k] += w[i, k] * (abs(diff) if use_mad else diff * diff)
-    aux = np.empty((n, lanes), np.float32)
+    aux = lane_mat(n, F32)
     # sum_l, sum_l2, sum_xl, error: one array (see _qx_sums)
-    acc = np.empty((4, lanes), F32)
-    this_scale, this_min = np.empty(lanes, F32), np.empty(lanes, F32)
-    take = np.empty(lanes, np.bool_)
+    acc = lane_mat(4, F32)
+    this_scale, this_min = lane_vec(F32), lane_vec(F32)
+    take = lane_vec(np.uint8)
     for step in range(nstep + 1):
+        exact = False  # later steps' min comes from a fit: bound |iscale*(x - min)| per lane
         for k in range(lanes):
             iscale[k] = (frmin + frdelta * F32(step) + fmax) / (mx[k] - mn[k])
             for r in range(4):
                 acc[r, k] = 0
+            reach = abs(iscale[k]) * max(abs(mx[k] - mn[k]), abs(lowest[k] - mn[k]))
+            exact |= flat[k] == 0 and not reach < BOUND
         for i in range(n):
             for k in range(lanes):
-                lf = nearest_f(iscale[k] * (x[i, k] - mn[k]), zero, fmax)
+                lf = level_f(iscale[k] * (x[i, k] - mn[k]), zero, fmax, exact)
                 aux[i, k] = lf
                 wl = w[i, k] * lf
                 acc[0, k] += wl
@@ -152,31 +172,33 @@ def make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
         for k in range(lanes):
             sum_l, sum_l2, sum_xl = acc[0, k], acc[1, k], acc[2, k]
             D = sum_w[k] * sum_l2 - sum_l * sum_l
-            take[k] = D > 0 and not flat[k]
+            take[k] = (D > 0) & (flat[k] == 0)
             ts = (sum_w[k] * sum_xl - sum_x[k] * sum_l) / D
             tm = (sum_l2 * sum_x[k] - sum_l * sum_xl) / D
-            if tm > 0:
-                tm = zero
-                ts = sum_xl / sum_l2
-            this_scale[k] = ts
-            this_min[k] = tm
+            positive = tm > 0
+            this_scale[k] = sum_xl / sum_l2 if positive else ts
+            this_min[k] = zero if positive else tm
         for i in range(n):
             for k in range(lanes):
                 diff = this_scale[k] * aux[i, k] + this_min[k] - x[i, k]
                 acc[3, k] += w[i, k] * (abs(diff) if use_mad else diff * diff)
         for k in range(lanes):
-            take[k] = take[k] and acc[3, k] < best[k]
-            if take[k]:
-                best[k] = acc[3, k]
-                scale[k] = this_scale[k]
-                best_iscale[k] = iscale[k]
-                best_mn[k] = mn[k]  # the min these levels were computed from
-                mn[k] = this_min[k]  # ggml updates min inside the loop: later steps use it
+            t = (take[k] == 1) & (acc[3, k] < best[k])
+            best[k] = acc[3, k] if t else best[k]
+            scale[k] = this_scale[k] if t else scale[k]
+            best_iscale[k] = iscale[k] if t else best_iscale[k]
+            best_mn[k] = mn[k] if t else best_mn[k]  # the min these levels were computed from
+            mn[k] = this_min[k] if t else mn[k]  # ggml updates min inside the loop: later steps use it
+    exact = False
+    for k in range(lanes):
+        reach = abs(best_iscale[k]) * max(abs(mx[k] - best_mn[k]), abs(lowest[k] - best_mn[k]))
+        exact |= flat[k] == 0 and not reach < BOUND
     for i in range(n):
         for k in range(lanes):
-            L[i, k] = 0 if flat[k] else np.uint8(nearest_f(best_iscale[k] * (x[i, k] - best_mn[k]), zero, fmax))
+            lf = level_f(best_iscale[k] * (x[i, k] - best_mn[k]), zero, fmax, exact)
+            L[i, k] = 0 if flat[k] == 1 else np.uint8(lf)
     for k in range(lanes):
-        if flat[k]:
+        if flat[k] == 1:
             scale[k] = 0
         the_min[k] = -mn[k]
 
@@ -187,12 +209,14 @@ def make_q3_quants(x, nmax, L, scale):
     [0, 2*nmax - 1], scale (lanes,)."""
     n, lanes = x.shape[0], LANES
     lo, hi = F32(-nmax), F32(nmax - 1)
-    mx, amax, iscale = np.empty(lanes, F32), np.empty(lanes, F32), np.empty(lanes, F32)
+    mx, amax, iscale = lane_vec(F32), lane_vec(F32), lane_vec(F32)
     signed_absmax(x, mx, amax)
-    lf = np.empty((n, lanes), np.float32)
-    acc = np.zeros((2, lanes), F32)  # sumlx, suml2 (one array: see _qx_sums)
+    lf = lane_mat(n, F32)
+    acc = lane_mat(2, F32)  # sumlx, suml2 (one array: see _qx_sums)
     for k in range(lanes):
         iscale[k] = F32(-nmax) / mx[k]
+        acc[0, k] = 0
+        acc[1, k] = 0
     for i in range(n):
         for k in range(lanes):
             v = x[i, k]
