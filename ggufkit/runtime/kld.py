@@ -166,13 +166,14 @@ class KldResult:
 
 
 def compare(model, base_logits, chunks: int | None = None, batch: int = DEFAULT_BATCH, n_gpu_layers: int = 0,
-            threads: int | None = None) -> KldResult:
-    """KL divergence of `model` from the base log-probs stored in `base_logits`."""
+            threads: int | None = None, stats: KldStats | None = None) -> KldResult:
+    """KL divergence of `model` from the base log-probs stored in `base_logits`. `stats`, when given,
+    is filled in place (its `kld_values` keep the per-token divergences, for paired comparisons)."""
     t0 = time.perf_counter()
     ref = BaseLogits(base_logits)
     n_chunk = len(ref.windows) if chunks is None else min(chunks, len(ref.windows))
     n_seq, n_batch = batch_layout(ref.n_ctx, batch)
-    stats = KldStats()
+    stats = KldStats() if stats is None else stats
     with Session(model, n_ctx=ref.n_ctx, n_batch=n_batch, n_seq=n_seq, n_gpu_layers=n_gpu_layers,
                  threads=threads) as session:
         if session.n_vocab != ref.n_vocab:
