@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 
 def _cache_dir() -> Path:
     """A cache folder per version of these sources: numba checks only the timestamp of the file that
     defines a kernel, not of the helpers compiled into it from other files."""
-    sources = sorted(Path(__file__).parent.glob("*.py"))
+    here = Path(__file__).parent
+    sources = [here / f"{name}.py" for name in ("jit", "search", "legacy", "k_quants", "iq4")]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-    root = Path(os.environ.get("GGUFKIT_CACHE") or Path.home() / ".cache" / "ggufkit")
-    return root / "numba" / digest
+    root = Path(os.environ.get("GGUFKIT_CACHE") or Path.home() / ".cache" / "ggufkit") / "numba"
+    if not (root / digest).exists() and root.is_dir():  # a new version: drop the old ones' code
+        for old in root.iterdir():
+            if old.is_dir() and len(old.name) == 16 and old.name != digest:
+                shutil.rmtree(old, ignore_errors=True)
+    return root / digest
 
 
 # Must be set before numba is imported anywhere: numba reads it once.
