@@ -1,6 +1,9 @@
 """Checkpoint -> Q4_K_M with an importance matrix from a calibration text, end to end:
 `ggufkit convert --calibration` against llama.cpp's pipeline (convert_hf_to_gguf.py -> llama-imatrix
 -> llama-quantize), same lossless intermediate type, text, window size and threads, one run each.
+Each tool measures as much of the text as it does by default: llama-imatrix all of it, ggufkit its
+first DEFAULT_CALIBRATION_CHUNKS windows (benchmarks.calibration_curve: more did not lower the
+quantized model's KL divergence on held-out text).
 
     python -m benchmarks.pipeline_speed [--model smollm2] [--type Q4_K_M] [--threads 2] [--json]
 """

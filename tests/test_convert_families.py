@@ -18,11 +18,20 @@ N_NEW = 16
 NEAR_TIE = 0.02
 
 
-@pytest.fixture(scope="module", params=sorted(tiny_models.CONFIGS))
+# Families whose converter reads only tokenizer.model carry one of llama.cpp's vocabularies (from its
+# source tree: `tools`); the others SmolLM2's.
+SPM_ONLY = {"gemma2", "phi3"}
+
+
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.tools) if f in SPM_ONLY else f
+                                        for f in sorted(tiny_models.CONFIGS)])
 def tiny(request, smollm2_hf, tmp_path_factory):
     from ggufkit.convert.pipeline import convert
 
-    folder = tiny_models.build(request.param, tmp_path_factory.mktemp(request.param) / "hf", smollm2_hf)
+    root = tmp_path_factory.mktemp(request.param)
+    tokenizer, overrides = (tiny_models.tokenizer_for(request.param, smollm2_hf, root / "vocab")
+                            if request.param in SPM_ONLY else (smollm2_hf, {}))
+    folder = tiny_models.build(request.param, root / "hf", tokenizer, **overrides)
     return request.param, folder, convert(folder, folder.parent / "model-f32.gguf", out_type="F32")
 
 

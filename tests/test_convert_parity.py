@@ -45,11 +45,9 @@ def test_gemma3_image_text_checkpoint_converts_its_text_model(gemma3_hf, tmp_pat
 def test_every_family_converts_like_llama_cpp(family, smollm2_hf, tmp_path):
     """Tiny checkpoints of each supported family (transformers' own configs and tensor names): the
     same metadata and tensors as llama.cpp's converter writes. Qwen's carry Qwen2's real vocabulary
-    (llama.cpp's converter does not take SmolLM2's tokenizer for them), the others SmolLM2's."""
-    overrides, tokenizer = {}, smollm2_hf
-    if family.startswith("qwen"):
-        tokenizer = tmp_path / "qwen2-vocab"
-        overrides["vocab_size"] = len(tiny_models.llama_cpp_vocab("qwen2", tokenizer)["tokenizer.ggml.tokens"])
+    (llama.cpp's converter does not take SmolLM2's tokenizer for them), Gemma 2's and Phi-3's Llama 2's
+    SentencePiece one (their converters read only tokenizer.model), the others SmolLM2's."""
+    tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
     ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides)
     assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
 
@@ -75,7 +73,7 @@ def assert_converts_like_llama_cpp(checkpoint, out_type, tmp_path):
     ours = gguf.GGUFReader(convert(checkpoint, tmp_path / "ours.gguf", out_type=out_type))
     ref = gguf.GGUFReader(hf_to_gguf(checkpoint, tmp_path / "ref.gguf", out_type.lower()))
     kv_ours, kv_ref = _kv(ours), _kv(ref)
-    assert kv_ours.keys() == kv_ref.keys()
+    assert sorted(kv_ours.keys() ^ kv_ref.keys()) == []
     for key, value in kv_ref.items():
         assert kv_ours[key] == value, key
     t_ours = {t.name: t for t in ours.tensors}
@@ -86,3 +84,102 @@ def assert_converts_like_llama_cpp(checkpoint, out_type, tmp_path):
         assert mine.tensor_type == t.tensor_type, t.name
         assert list(mine.shape) == list(t.shape), t.name
         assert mine.data.tobytes() == t.data.tobytes(), t.name
+
+
+NEW_FAMILIES = ("phi3", "gemma2", "smollm3", "olmo2", "granite", "qwen3moe", "mixtral")
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_export_hf_inverts_convert(family, smollm2_hf, tmp_path):
+    """GGUF -> export-hf -> convert gives back the same tensors and metadata (general.* aside): the
+    families' transforms (Gemma's norm shift, Llama's q/k permutation, merged experts split back
+    into one tensor per expert) are inverted exactly."""
+    from ggufkit.convert.export_hf import export_hf
+    from ggufkit.convert.pipeline import convert
+
+    tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
+    ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides)
+    first = gguf.GGUFReader(convert(ckpt, tmp_path / "first.gguf", out_type="F32"))
+    again = gguf.GGUFReader(convert(export_hf(tmp_path / "first.gguf", tmp_path / "exported"),
+                                    tmp_path / "again.gguf", out_type="F32"))
+    model_kv = lambda r: {k: v for k, v in _kv(r).items() if not k.startswith("general.")}  # noqa: E731
+    assert model_kv(again) == model_kv(first)
+    t_again = {t.name: t for t in again.tensors}
+    assert sorted(t_again) == sorted(t.name for t in first.tensors)
+    for t in first.tensors:
+        assert t_again[t.name].data.tobytes() == t.data.tobytes(), t.name
+
+
+# Tokenizer settings real checkpoints carry, written into the tiny checkpoint's files: what llama.cpp's
+# converter reads from tokenizer_config.json (add_prefix_space, add_bos_token / add_eos_token, the
+# special tokens, chat_template), chat_template.jinja, special_tokens_map.json and generation_config.json
+# (the sampling defaults, as general.sampling.*).
+TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+SETTINGS = {
+    "add-prefix-space": {"tokenizer_config.json": {"add_prefix_space": False}},
+    "add-bos-eos": {"tokenizer_config.json": {"add_bos_token": True, "add_eos_token": True}},
+    "chat-template-jinja": {"chat_template.jinja": TEMPLATE},
+    "special-tokens-map": {"special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>",
+                                                       "pad_token": "<unk>"}},
+    "generation-config": {"generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.6,
+                                                     "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05}},
+}
+
+
+def _write_settings(folder, files: dict) -> None:
+    import json
+
+    for name, content in files.items():
+        path = folder / name
+        if name.endswith(".json") and path.is_file():  # tokenizer_config.json: settings on top of its own
+            content = {**json.loads(path.read_text()), **content}
+        if name == "chat_template.jinja":  # the file's template applies where tokenizer_config has none
+            cfg = json.loads((folder / "tokenizer_config.json").read_text())
+            cfg.pop("chat_template", None)
+            (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("family", ["llama-spm", "phi3", "gemma2", "granite", "qwen3moe", "olmo2"])
+def test_tokenizer_settings_convert_like_llama_cpp(family, setting, smollm2_hf, tmp_path):
+    """Each family reads the tokenizer files as its llama.cpp converter does: Llama's family writes
+    add_prefix_space as the space prefix, Gemma never adds one, Phi-3 reads added tokens its own
+    way; all take add_bos/add_eos, the chat template (from tokenizer_config.json or
+    chat_template.jinja) and the sampling defaults as llama.cpp's converter does. `llama-spm`: a
+    Llama checkpoint with Llama 2's SentencePiece vocabulary."""
+    arch = "llama" if family == "llama-spm" else family
+    tokenizer, overrides = tiny_models.tokenizer_for("phi3" if family == "llama-spm" else family, smollm2_hf,
+                                                     tmp_path / "vocab")
+    ckpt = tiny_models.build(arch, tmp_path / "hf", tokenizer, **overrides)
+    _write_settings(ckpt, SETTINGS[setting])
+    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
+
+
+def test_phi4_bpe_tokenizer_converts_like_llama_cpp(smollm2_hf, tmp_path):
+    """Phi-4's checkpoints are Phi3ForCausalLM with a BPE tokenizer (tokenizer_class GPT2Tokenizer):
+    llama.cpp's converter reads tokenizer.json for them, not tokenizer.model."""
+    import json
+
+    ckpt = tiny_models.build("phi3", tmp_path / "hf", smollm2_hf)
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "GPT2Tokenizer"}))
+    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
+    assert gguf.GGUFReader(tmp_path / "ours.gguf").fields["tokenizer.ggml.model"].contents() == "gpt2"
+
+
+@pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "phi3"])
+def test_expert_and_fused_tensors_get_llama_quantize_types(family, smollm2_hf, tmp_path):
+    """The mixtures' per-tensor rules on the converted file's 3-D expert tensors (8 experts: the
+    rules' MoE bumps) and fused attn_qkv: the types llama-quantize --dry-run picks."""
+    from ggufkit.convert.pipeline import convert
+    from reference.quantize import ggufkit_types, reference_types
+
+    tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
+    size = dict(hidden_size=256, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2)
+    moe = dict(qwen3moe=dict(num_experts=8, moe_intermediate_size=256, head_dim=32),
+               mixtral=dict(num_local_experts=8)).get(family, {})
+    ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides, **size, **moe)
+    f32 = convert(ckpt, tmp_path / "f32.gguf", out_type="F32")
+    for mixture in ("Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "Q5_K_S"):
+        assert ggufkit_types(f32, mixture) == reference_types(f32, mixture), mixture

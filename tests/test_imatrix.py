@@ -134,3 +134,21 @@ def test_early_stop_only_after_the_graphs_last_weight(order, last):
     c._order = list(order)
     c.window_done()
     assert c.last == last and c._order is None
+
+
+def test_windows_callback_gives_the_matrix_of_the_first_n_windows(tmp_path, corpus):
+    """One pass read off at 1 and 2 windows equals separate runs over 1 and 2 windows."""
+    from ggufkit.convert.pipeline import convert
+    from tests import tiny_models
+
+    model = convert(tiny_models.numpy_llama(tmp_path / "hf"), tmp_path / "tiny.gguf", out_type="F32")
+    text = corpus / "prideprejudice.txt"
+    seen = []
+    whole = collect(model, [text], ctx=64, chunks=3, threads=2, on_windows=((1, 2), seen.append))
+    assert [m.chunk_count for m in seen] == [1, 2] and whole.chunk_count == 3
+    for got in seen:
+        want = collect(model, [text], ctx=64, chunks=got.chunk_count, threads=2)
+        assert got.entries.keys() == want.entries.keys()
+        for name, entry in want.entries.items():
+            np.testing.assert_array_equal(got.entries[name].sums, entry.sums)
+            np.testing.assert_array_equal(got.entries[name].counts, entry.counts)

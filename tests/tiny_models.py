@@ -32,7 +32,36 @@ CONFIGS = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(head_dim=32, sliding_window=64, query_pre_attn_scalar=32, tie_word_embeddings=True,
                     num_key_value_heads=1, rope_scaling=None)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(rope_theta=10000.0, pad_token_id=0)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64, tie_word_embeddings=True,
+                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0, pad_token_id=0)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(num_hidden_layers=4, pad_token_id=0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(rope_theta=500000.0, pad_token_id=0)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                dict(embedding_multiplier=12.0, attention_multiplier=0.25, residual_multiplier=0.5,
+                     logits_scaling=2.0, pad_token_id=0)),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                 dict(rope_theta=1e6, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(rope_theta=1e6, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)),
 }
+# The vocabulary each family's tiny checkpoint carries where llama.cpp's converter does not take SmolLM2's
+# for it (one of those llama.cpp ships, see llama_cpp_vocab): Qwen2's BPE for Qwen, Llama 2's
+# SentencePiece for the families whose converter reads only tokenizer.model.
+VOCABS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma2": "llama-spm", "phi3": "llama-spm"}
+
+
+def tokenizer_for(family: str, smollm2_hf: Path, folder: Path) -> tuple[Path, dict]:
+    """The tokenizer folder for a family's tiny checkpoint, and the config overrides it needs
+    (its vocabulary size)."""
+    if family not in VOCABS:
+        return smollm2_hf, {}
+    kv = llama_cpp_vocab(VOCABS[family], folder)
+    return folder, {"vocab_size": len(kv["tokenizer.ggml.tokens"])}
+
+
 # not in CONFIGS: transformers' generate() needs pixel inputs for it; tested against llama.cpp's converter
 GEMMA3_MULTIMODAL = ("Gemma3TextConfig", "Gemma3ForConditionalGeneration", CONFIGS["gemma3"][2])
 
@@ -57,7 +86,7 @@ def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: 
         # Large random weights make the logits peaked, so greedy decoding is not decided by rounding noise.
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if family != "gemma3" else p.normal_(0, 0.1)
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if not family.startswith("gemma") else p.normal_(0, 0.1)
             else:
                 p.normal_(0, 0.15)
     model = model.to(getattr(torch, dtype))

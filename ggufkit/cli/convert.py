@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from ggufkit.cli.quantize import add_budget_arguments
+from ggufkit.commands.convert import DEFAULT_CALIBRATION_CHUNKS
 from ggufkit.gguffile.split import parse_size
 
 
 def cmd_convert(args) -> int:
+    from ggufkit.budget import parse_target
     from ggufkit.commands.convert import convert_command
 
+    target = parse_target(args.target_size, args.target_bpw, args.match_size, args.type)
     print(convert_command(args.src, args.output, args.type, calibration=args.calibration, imatrix=args.imatrix,
                           calibration_ctx=args.calibration_ctx, calibration_chunks=args.calibration_chunks,
                           n_gpu_layers=args.n_gpu_layers, threads=args.threads, force=args.force,
                           allow_nonfinite=args.allow_nonfinite, qat=args.qat == "auto",
                           split_max_size=parse_size(args.split_max_size) if args.split_max_size else 0,
-                          allow_missing=args.allow_missing))
+                          allow_missing=args.allow_missing, target=target))
     return 0
 
 
@@ -45,7 +49,8 @@ def register(sub) -> None:
         epilog="examples:\n"
         "  ggufkit convert ./SmolLM2-135M-Instruct -o smollm2-f16.gguf --type F16\n"
         "  ggufkit convert ./SmolLM2-135M-Instruct -o smollm2-q4_k_m.gguf --type Q4_K_M --calibration\n"
-        "  ggufkit convert ./SmolLM2-135M-Instruct -o smollm2-q4_k_m.gguf --type Q4_K_M --calibration my.txt")
+        "  ggufkit convert ./SmolLM2-135M-Instruct -o smollm2-q4_k_m.gguf --type Q4_K_M --calibration my.txt\n"
+        "  ggufkit convert ./SmolLM2-135M-Instruct -o smollm2-90m.gguf --type Q4_K_M --calibration --target-size 90M")
     p.add_argument("src", help="checkpoint folder, or hub repo id (uses the local cache; honours HF_HUB_OFFLINE)")
     p.add_argument("-o", "--output", required=True, help="output .gguf path (written atomically)")
     p.add_argument("--type", default="F16", type=str.upper,
@@ -58,7 +63,9 @@ def register(sub) -> None:
                    "text files first; with no file, on the shipped calibration text (Pride and Prejudice ch. 1-9)")
     p.add_argument("--calibration-ctx", type=int, default=512, metavar="N",
                    help="tokens per calibration window (default: 512, as llama-imatrix)")
-    p.add_argument("--calibration-chunks", type=int, metavar="N", help="use at most N windows of the text")
+    p.add_argument("--calibration-chunks", type=int, metavar="N", default=DEFAULT_CALIBRATION_CHUNKS,
+                   help=f"use at most N windows of the text (default {DEFAULT_CALIBRATION_CHUNKS}: more did not "
+                   "lower the KL divergence in benchmarks.calibration_curve; 0: the whole text)")
     p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
                    help="layers offloaded while measuring the imatrix (-1: all)")
     p.add_argument("-t", "--threads", type=int, metavar="N", help="threads for the calibration run, and quantizing workers (default: all cores)")
@@ -71,6 +78,7 @@ def register(sub) -> None:
     p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors containing NaN/Inf instead of failing")
     p.add_argument("--split-max-size", metavar="SIZE",
                    help="write shards of at most SIZE (e.g. 500M, 2G) in llama-gguf-split's layout")
+    add_budget_arguments(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(

@@ -6,12 +6,15 @@ import argparse
 
 
 def cmd_quantize(args) -> int:
+    from ggufkit.budget import parse_target
     from ggufkit.commands.quantize import quantize_gguf, summary
 
+    target = parse_target(args.target_size, args.target_bpw, args.match_size, args.type)
     result = quantize_gguf(args.input, args.output, args.type, imatrix=args.imatrix, tensor_types=args.tensor_type,
                            output_tensor_type=args.output_tensor_type,
                            token_embedding_type=args.token_embedding_type, pure=args.pure,
-                           allow_requantize=args.allow_requantize, allow_missing=args.allow_missing, force=args.force)
+                           allow_requantize=args.allow_requantize, allow_missing=args.allow_missing, force=args.force,
+                           target=target)
     print(summary(result))
     return 0
 
@@ -27,6 +30,19 @@ def cmd_imatrix(args) -> int:
     return 0
 
 
+def add_budget_arguments(p) -> None:
+    """--target-size / --target-bpw / --match-size, shared by quantize and convert."""
+    g = p.add_argument_group("byte budget (instead of the mixture's fixed rules)", "per tensor the stock type "
+                             "(Q2_K..Q8_0, IQ4_XS, F16; legacy 32-block types where rows do not fit 256) that "
+                             "minimises the imatrix-weighted quantization error of the whole model within the "
+                             "budget; the mixture decides which tensors are quantized")
+    g = g.add_mutually_exclusive_group()
+    g.add_argument("--target-size", metavar="BYTES", help="largest output file, e.g. 80M, 1.2G or a byte count")
+    g.add_argument("--target-bpw", metavar="BITS", help="largest tensor data in bits per weight, e.g. 4.5")
+    g.add_argument("--match-size", nargs="?", const="", metavar="MIXTURE", help="no larger than the file llama.cpp's "
+                   "MIXTURE (default: TYPE) makes from the same input")
+
+
 def register(sub) -> None:
     from ggufkit.mixtures import MIXTURES
 
@@ -37,7 +53,9 @@ def register(sub) -> None:
         "does: the same type for every tensor (more bits for attn_v/ffn_down in chosen layers, Q6_K output, "
         "norms kept F32), the same metadata, with ggufkit's own quantizers. Streamed tensor by tensor; the "
         "output appears only when complete.",
-        epilog="example: ggufkit quantize model-f32.gguf model-q4_k_m.gguf Q4_K_M --imatrix imatrix.gguf")
+        epilog="examples:\n  ggufkit quantize model-f32.gguf model-q4_k_m.gguf Q4_K_M --imatrix imatrix.gguf\n"
+        "  ggufkit quantize model-f32.gguf model-best.gguf Q4_K_M --imatrix imatrix.gguf --match-size\n"
+        "  ggufkit quantize model-f32.gguf model-80m.gguf Q4_K_M --imatrix imatrix.gguf --target-size 80M")
     p.add_argument("input", metavar="IN.gguf")
     p.add_argument("output", metavar="OUT.gguf")
     p.add_argument("type", metavar="TYPE", help=f"mixture: {', '.join(MIXTURES)}")
@@ -52,6 +70,7 @@ def register(sub) -> None:
     p.add_argument("--allow-requantize", action="store_true", help="accept already-quantized tensors as input")
     p.add_argument("--allow-missing", action="store_true", help="quantize layers the imatrix lacks (or has "
                    "with the wrong size) without it, and list them, instead of failing")
+    add_budget_arguments(p)
     p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
                    help="quantizing workers at once (default: one per core)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")

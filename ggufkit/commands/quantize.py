@@ -2,7 +2,9 @@
 
 Types come from `mixtures.choose_types`, bytes from `ggufkit.kquants`; metadata is copied with
 general.file_type / quantization_version and quantize.imatrix.* set as llama-quantize sets them,
-and tensors are written in llama-quantize's order, so both tools' files line up."""
+and tensors are written in llama-quantize's order, so both tools' files line up. With a budget
+(`target`: --target-size / --target-bpw / --match-size) `ggufkit.budget` chooses the types instead,
+starting from the mixture's rules; without one the output is llama-quantize's, byte for byte."""
 
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ggufkit import budget
 from ggufkit.errors import GgufkitError
 from ggufkit.gguffile.imatrix import Imatrix, add_provenance, read_imatrix, weights_for
 from ggufkit.gguffile.reader import GgufHeader, TensorInfo, read_header, tensor_data
 from ggufkit.gguffile.split import SPLIT_KEYS
-from ggufkit.gguffile.writer import TensorOut, copy_metadata, refuse_overwrite, write_gguf
+from ggufkit.gguffile.writer import TensorOut, copy_metadata, data_offset, refuse_overwrite, write_gguf
 from ggufkit.kquants import dequantize, encode, supported_types
 from ggufkit.mixtures import (FLOAT_TYPES, MIXTURES, Options, TensorMeta, choose_types, llama_order, model_info,
                               parse_override, parse_qtype, requires_imatrix)
+from ggufkit.progress import bar
 from ggufkit.runtime.inspect import type_table
 
 Q = gguf.GGMLQuantizationType
@@ -34,6 +38,7 @@ class QuantizeResult:
     types: dict[str, Q]  # every tensor's output type
     bytes_in: int
     without_imatrix: list[str] = field(default_factory=list)  # --allow-missing: quantized without one
+    plan: budget.Plan | None = None  # what a budget chose (None: the mixture's rules alone)
 
 
 def tensor_metas(header: GgufHeader) -> list[TensorMeta]:
@@ -42,9 +47,11 @@ def tensor_metas(header: GgufHeader) -> list[TensorMeta]:
 
 def quantize_gguf(src, out, mixture: str, imatrix=None, tensor_types=(), output_tensor_type=None,
                   token_embedding_type=None, pure: bool = False, allow_requantize: bool = False,
-                  allow_missing: bool = False, force: bool = False) -> QuantizeResult:
+                  allow_missing: bool = False, force: bool = False,
+                  target: budget.Target | None = None) -> QuantizeResult:
     """Quantize `src` to `out` as llama-quantize would for `mixture` (Q4_K_M, Q8_0, ...).
-    `imatrix`: a path (GGUF or legacy .dat); `tensor_types`: (regex, type) overrides."""
+    `imatrix`: a path (GGUF or legacy .dat); `tensor_types`: (regex, type) overrides; `target`: a
+    byte budget (budget.parse_target) the types are chosen to meet, from the mixture's rules."""
     src, out = Path(src), Path(out)
     mixture = mixture.upper()
     if mixture not in MIXTURES:
@@ -57,17 +64,41 @@ def quantize_gguf(src, out, mixture: str, imatrix=None, tensor_types=(), output_
     refuse_overwrite(out, force)
     if out.exists() and out.resolve() == src.resolve():
         raise GgufkitError("input and output are the same file", out)
+    if target is not None and pure:
+        raise GgufkitError(f"--pure gives every tensor one type; it cannot meet {target}")
     header = read_header(src, arrays=True)
     imat = read_imatrix(imatrix) if imatrix is not None else None
     metas = {t.name: t for t in tensor_metas(header)}
-    types = choose_types(list(metas.values()), model_info(header.metadata), mixture, opts,
-                         has_imatrix=imat is not None)
+    info = model_info(header.metadata)
+    types = choose_types(list(metas.values()), info, mixture, opts, has_imatrix=imat is not None)
+    chosen = None
+    if target is not None:  # refuse what the mixture would refuse (requantizing) before measuring
+        _check_plan(src, mixture, metas, types, [n for n, qt in types.items() if qt != metas[n].qtype],
+                    imat is not None, allow_requantize)
+        chosen = _budget_plan(header, src, mixture, metas, types, opts, imat, imatrix, allow_missing, target)
+        types = chosen.types
     todo = [n for n, qt in types.items() if qt != metas[n].qtype]
     _check_plan(src, mixture, metas, types, todo, imat is not None, allow_requantize)
     weights, without = ({}, []) if imat is None else weights_for(
         imat, {n: metas[n].ne for n in todo if types[n] not in FLOAT_TYPES}, imatrix, allow_missing)
     path = _write(header, out, mixture, types, weights, imat, imatrix)
-    return QuantizeResult(path, mixture, types, sum(t.n_bytes for t in header.tensors), without)
+    return QuantizeResult(path, mixture, types, sum(t.n_bytes for t in header.tensors), without, chosen)
+
+
+def _budget_plan(header: GgufHeader, src: Path, mixture: str, metas: dict[str, TensorMeta], types: dict[str, Q],
+                 opts: Options, imat: Imatrix | None, imatrix_path, allow_missing: bool,
+                 target: budget.Target) -> budget.Plan:
+    """The types that meet `target` (measuring every candidate type on the input's tensors)."""
+    names = budget.budgeted(metas.values(), opts)
+    weights = {} if imat is None else weights_for(imat, {n: metas[n].ne for n in names}, imatrix_path,
+                                                  allow_missing)[0]
+    offset, alignment = data_offset(header.architecture, _tensors_out(header, types, {}),
+                                    _metadata(header, mixture, imat, imatrix_path))
+    infos = {t.name: t for t in header.tensors}
+    with bar(total=len(names), desc="measure types", unit="tensor") as pbar:
+        return budget.plan(list(metas.values()), model_info(header.metadata), mixture, target, offset, alignment,
+                           lambda n: _float_rows(header, infos[n]), weights, opts, has_imatrix=imat is not None,
+                           source=src, progress=lambda i, n: pbar.update(1))
 
 
 def _check_plan(src: Path, mixture: str, metas: dict[str, TensorMeta], types: dict[str, Q], todo: list[str],
@@ -118,8 +149,8 @@ def _encoded(header: GgufHeader, t: TensorInfo, new: Q, weights: np.ndarray | No
         yield encode(rows, new, imat)
 
 
-def _write(header: GgufHeader, out: Path, mixture: str, types: dict[str, Q], weights: dict[str, np.ndarray],
-           imat: Imatrix | None, imatrix_path) -> Path:
+def _tensors_out(header: GgufHeader, types: dict[str, Q], weights: dict[str, np.ndarray]) -> list[TensorOut]:
+    """The output's tensors in llama-quantize's order, their data made as the writer asks for it."""
     tensors = []
     for t in llama_order(header.tensors):
         new = types[t.name]
@@ -128,13 +159,24 @@ def _write(header: GgufHeader, out: Path, mixture: str, types: dict[str, Q], wei
         else:
             data = _encoded(header, t, new, weights.get(t.name))
         tensors.append(TensorOut(t.name, tuple(reversed(t.shape)), new, data))
-    return write_gguf(out, header.architecture, tensors,
-                      lambda w: _copy_metadata(w, header, mixture, imat, imatrix_path), desc=f"quantize {mixture}")[0]
+    return tensors
+
+
+def _metadata(header: GgufHeader, mixture: str, imat: Imatrix | None, imatrix_path):
+    return lambda w: _copy_metadata(w, header, mixture, imat, imatrix_path)
+
+
+def _write(header: GgufHeader, out: Path, mixture: str, types: dict[str, Q], weights: dict[str, np.ndarray],
+           imat: Imatrix | None, imatrix_path) -> Path:
+    return write_gguf(out, header.architecture, _tensors_out(header, types, weights),
+                      _metadata(header, mixture, imat, imatrix_path), desc=f"quantize {mixture}")[0]
 
 
 def summary(result: QuantizeResult) -> str:
     """The output's type table against the input's size, and what went without importance data."""
     text = type_table(result.path, input_bytes=result.bytes_in)
+    if result.plan is not None:
+        text = budget.describe(result.plan) + "\n" + text
     if result.without_imatrix:
         text += (f"\nquantized without imatrix data (--allow-missing): {len(result.without_imatrix)} tensors: "
                  + ", ".join(result.without_imatrix[:5]) + (" ..." if len(result.without_imatrix) > 5 else ""))

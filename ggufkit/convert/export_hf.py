@@ -196,7 +196,7 @@ def export_hf(src, outdir, dtype: str = "float32", force: bool = False, max_shar
     header = read_header(src, arrays=True)
     kv = header.metadata
     arch = kv.get("general.architecture")
-    fam_cls = family_for_gguf_arch(arch)
+    fam_cls = family_for_gguf_arch(arch, kv)
     tensors = {t.name: t for t in header.tensors}
     n_vocab = len(kv["tokenizer.ggml.tokens"])
     config = fam_cls.config_from_gguf(kv, n_vocab, tied="output.weight" not in tensors)
@@ -204,18 +204,27 @@ def export_hf(src, outdir, dtype: str = "float32", force: bool = False, max_shar
     config["torch_dtype"] = dtype
     config = {k: _f32_repr(v) for k, v in config.items()}
     fam = fam_cls(config)
-    to_gguf = {hf: fam.gguf_name(hf) for hf in fam.expected_tensors()}
-    missing = [g for g in to_gguf.values() if g not in tensors]
+    # checkpoint tensor -> (GGUF tensor, expert index in a merged 3-D tensor, else None)
+    to_gguf = {hf: (g, k if len(sources) > 1 else None)
+               for g, sources in fam.layout(fam.expected_tensors()) for k, hf in enumerate(sources)}
+    missing = sorted({g for g, _ in to_gguf.values() if g not in tensors})
     if missing:
         raise GgufkitError(f"tensor {missing[0]} is missing ({len(missing)} missing in all)", src)
-    entries = [(hf, tuple(int(n) for n in reversed(tensors[g].shape))) for hf, g in to_gguf.items()]
+    entries = [(hf, tuple(int(n) for n in reversed(tensors[g].shape))[0 if k is None else 1:])
+               for hf, (g, k) in to_gguf.items()]
 
     pbar = bar(total=len(entries), desc="export-hf", unit="tensor")
+    last: dict[str, np.ndarray] = {}  # the merged experts' tensor being split, dequantized once
 
     def produce(hf_name: str) -> np.ndarray:
-        t = tensors[to_gguf[hf_name]]
-        x = gguf.quants.dequantize(tensor_data(header, t), t.type).astype(np.float32, copy=False)
-        x = fam.untransform(t.name, x.reshape(tuple(int(n) for n in reversed(t.shape))))
+        name, expert = to_gguf[hf_name]
+        if name not in last:
+            t = tensors[name]
+            last.clear()
+            last[name] = gguf.quants.dequantize(tensor_data(header, t), t.type).astype(np.float32, copy=False) \
+                .reshape(tuple(int(n) for n in reversed(t.shape)))
+        x = last[name] if expert is None else last[name][expert]
+        x = fam.untransform(hf_name if expert is not None else name, x)
         pbar.update(1)
         return x if dtype == "float32" else gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16).view(np.uint16)
 

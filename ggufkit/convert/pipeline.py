@@ -11,15 +11,16 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ggufkit import budget
 from ggufkit.convert.checkpoint import Checkpoint, open_checkpoint
 from ggufkit.convert.families import Family, family_for
 from ggufkit.convert.prequantized import GRIDS, fit_grid
-from ggufkit.convert.tokenizer import load_vocab
 from ggufkit.errors import GgufkitError
 from ggufkit.gguffile.imatrix import add_provenance, read_imatrix, weights_for
-from ggufkit.gguffile.writer import TensorOut, refuse_overwrite, write_gguf, written_metadata
+from ggufkit.gguffile.writer import TensorOut, data_offset, refuse_overwrite, write_gguf, written_metadata
 from ggufkit.kquants import dequantize, encode
 from ggufkit.mixtures import FLOAT_TYPES, MIXTURES, TensorMeta, choose_types, fallback, model_info, requires_imatrix
+from ggufkit.progress import bar
 
 Q = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
@@ -48,16 +49,18 @@ class GridReport:
 @dataclass
 class PlannedTensor:
     gguf_name: str
-    hf_name: str | None  # None for tensors computed from the config (rope_freqs)
-    shape: tuple[int, ...]  # numpy order (rows..., cols)
+    hf_name: str | None  # its (first) checkpoint tensor; None for tensors computed from the config (rope_freqs)
+    shape: tuple[int, ...]  # numpy order (rows..., cols); experts x rows x cols for merged experts
     qtype: gguf.GGMLQuantizationType
     data: np.ndarray | None = None  # only for computed tensors
+    sources: tuple[str, ...] = ()  # the checkpoint tensors stacked into it (one, or one per expert)
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], want: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """llama.cpp's converter's rules: vectors and norms stay F32; a row that does not fit the block
-    falls back as llama-quantize's rows do (for the converter's 32-block types: to F16)."""
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+    """llama.cpp's converter's rules: vectors, norms and expert routers stay F32; a row that does not
+    fit the block falls back as llama-quantize's rows do (for the converter's 32-block types: to F16)."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight") \
+            or "ffn_gate_inp" in gguf_name:
         return Q.F32
     return fallback(want, shape[-1])
 
@@ -78,7 +81,6 @@ def plan(ckpt: Checkpoint, fam: Family, out_type: str, n_vocab: int, has_imatrix
     if unknown:
         raise GgufkitError(f"unexpected tensor {unknown[0]!r} for {fam.hf_architecture()} "
                            f"({len(unknown)} unexpected in all)", ckpt.tensors[unknown[0]].file)
-    out = []
     for hf_name, shape in expected.items():
         info = ckpt.tensors.get(hf_name)
         if info is None:
@@ -86,16 +88,19 @@ def plan(ckpt: Checkpoint, fam: Family, out_type: str, n_vocab: int, has_imatrix
         if info.shape != shape:
             raise GgufkitError(f"tensor {hf_name!r} has shape {list(info.shape)}, config implies {list(shape)}",
                                info.file)
-        name = fam.gguf_name(hf_name)
+    out = []
+    for name, sources in fam.layout(expected):
+        hf_name = sources[0]
         if name is None:
             raise GgufkitError(f"cannot map tensor {hf_name!r} to a GGUF name", cfg_path)
+        shape = expected[hf_name] if len(sources) == 1 else (len(sources), *expected[hf_name])
         if name == "token_embd.weight" and shape[0] > n_vocab:  # padding rows past the tokenizer
             shape = (n_vocab, *shape[1:])
         if out_type == "AUTO":
             qtype = tensor_type(name, shape, auto_tensor_type(ckpt, fam, hf_name))
         else:
             qtype = tensor_type(name, shape, CONVERTER_TYPES.get(out_type, (Q.F32,))[0])
-        out.append(PlannedTensor(name, hf_name, shape, qtype))
+        out.append(PlannedTensor(name, hf_name, shape, qtype, sources=sources))
     for name, data in fam.extra_tensors():
         out.append(PlannedTensor(name, None, data.shape, Q.F32, data))
     if out_type in MIXTURE_TYPES:
@@ -133,18 +138,28 @@ CHUNK_BYTES = 64 << 20
 
 
 def _chunks(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: bool):
-    """The tensor's transformed float32 rows, a chunk at a time."""
+    """The tensor's transformed float32 rows, a chunk at a time, each with the index of the expert
+    it belongs to (0 but in merged experts, which are read one expert at a time, in order)."""
     if t.hf_name is None:
-        yield t.data
+        yield 0, t.data
         return
-    rows, row_bytes = t.shape[0], 4 * int(np.prod(t.shape[1:]))
-    step = max(1, CHUNK_BYTES // row_bytes) if fam.row_local(t.hf_name) else rows
-    for start in range(0, rows, step):
-        x = ckpt.get_rows(t.hf_name, start, min(rows, start + step))
-        if not allow_nonfinite and not np.isfinite(x).all():
-            raise GgufkitError(f"tensor {t.hf_name!r} contains NaN or Inf (use --allow-nonfinite to convert anyway)",
-                               ckpt.tensors[t.hf_name].file)
-        yield fam.transform(t.hf_name, x)
+    for expert, hf_name in enumerate(t.sources):
+        shape = t.shape[1:] if len(t.sources) > 1 else t.shape
+        rows, row_bytes = shape[0], 4 * int(np.prod(shape[1:]))
+        step = max(1, CHUNK_BYTES // row_bytes) if fam.row_local(hf_name) else rows
+        for start in range(0, rows, step):
+            x = ckpt.get_rows(hf_name, start, min(rows, start + step))
+            if not allow_nonfinite and not np.isfinite(x).all():
+                raise GgufkitError(f"tensor {hf_name!r} contains NaN or Inf (use --allow-nonfinite to convert anyway)",
+                                   ckpt.tensors[hf_name].file)
+            yield expert, fam.transform(hf_name, x)
+
+
+def _expert_weights(imatrix: np.ndarray | None, expert: int, cols: int) -> np.ndarray | None:
+    """One expert's importance weights (an imatrix holds experts x cols values for a 3-D tensor)."""
+    if imatrix is None or imatrix.size == cols:  # none, or a 2-D tensor's
+        return imatrix
+    return imatrix[expert * cols:(expert + 1) * cols]
 
 
 def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, fam: Family, file_type: int) -> None:
@@ -152,6 +167,9 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, fam: Family, file_type:
     Call after the tensors are declared: the size label counts their parameters."""
     total, shared, expert, n_expert = w.get_total_parameter_count()
     meta = gguf.Metadata.load(None, ckpt.root, None, total)
+    if meta.sampling_penalty_repeat is None:
+        # llama.cpp's converter (a newer gguf-py than PyPI's) also reads transformers' own name for it
+        meta.sampling_penalty_repeat = gguf.Metadata.load_generation_config(ckpt.root).get("repetition_penalty")
     if meta.name is None:
         meta.name = ckpt.root.name
     if meta.size_label is None and total > 0:
@@ -165,10 +183,12 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, fam: Family, file_type:
 
 def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinite: bool = False,
             split_max_size: int = 0, qat: bool = True, report: list | None = None, imatrix=None,
-            allow_missing: bool = False) -> Path:
+            allow_missing: bool = False, target: budget.Target | None = None, plans: list | None = None) -> Path:
     """Convert a checkpoint to `out_type` (see OUT_TYPES). With a block type and `qat`, tensors already
     on its grid keep their exact codes (one GridReport per such tensor is appended to `report`).
-    `imatrix`: a path, or an `Imatrix` (then recorded as measured by convert --calibration)."""
+    `imatrix`: a path, or an `Imatrix` (then recorded as measured by convert --calibration).
+    `target`: a byte budget for a mixture (budget.parse_target): the types are chosen to meet it,
+    starting from the mixture's rules; its `budget.Plan` is appended to `plans`."""
     out = Path(out)
     out_type = out_type.upper()
     if out_type not in OUT_TYPES:
@@ -176,14 +196,31 @@ def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinit
     if imatrix is not None and out_type not in MIXTURE_TYPES:
         raise GgufkitError(f"an importance matrix applies to llama.cpp's mixtures ({', '.join(MIXTURE_TYPES)}), "
                            f"not to --type {out_type}")
+    if target is not None and out_type not in MIXTURE_TYPES:
+        raise GgufkitError(f"{target} applies to llama.cpp's mixtures ({', '.join(MIXTURE_TYPES)}), "
+                           f"not to --type {out_type}")
+    if target is not None and split_max_size:
+        raise GgufkitError(f"{target} sizes one file; it cannot be combined with --split-max-size")
     refuse_overwrite(out, force)
     report = [] if report is None else report
     imat = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     ckpt = open_checkpoint(src)
     fam = family_for(ckpt.config, ckpt.root / "config.json")
     ckpt.rename(fam.checkpoint_name)
-    vocab = load_vocab(ckpt.root, fam.config["vocab_size"])
+    vocab = fam.load_vocab(ckpt.root)
     tensors = plan(ckpt, fam, out_type, len(vocab.tokens), has_imatrix=imat is not None, qat=qat)
+
+    def metadata(w: gguf.GGUFWriter) -> None:
+        write_metadata(w, ckpt, fam, _file_type(out_type, tensors))
+        if imat is not None:
+            add_provenance(w, imat, imatrix if isinstance(imatrix, (str, Path)) else CALIBRATED)
+        vocab.add_to_gguf(w)
+
+    if target is not None:
+        chosen = _budget_types(ckpt, fam, tensors, out_type, target, imat, imatrix, metadata, allow_nonfinite,
+                               allow_missing, src)
+        if plans is not None:
+            plans.append(chosen)
     weights = {}
     if imat is not None:
         quantized = {t.gguf_name: tuple(reversed(t.shape)) for t in tensors if t.qtype not in FLOAT_TYPES}
@@ -193,16 +230,34 @@ def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinit
             print(f"ggufkit: {len(without)} tensors quantized without importance data (--allow-missing): "
                   f"{', '.join(without[:5])}{' ...' if len(without) > 5 else ''}", file=sys.stderr)
 
-    def metadata(w: gguf.GGUFWriter) -> None:
-        write_metadata(w, ckpt, fam, _file_type(out_type, tensors))
-        if imat is not None:
-            add_provenance(w, imat, imatrix if isinstance(imatrix, (str, Path)) else CALIBRATED)
-        vocab.add_to_gguf(w)
-
     data = [TensorOut(t.gguf_name, t.shape, t.qtype,
                       _encoded(ckpt, fam, t, allow_nonfinite, weights.get(t.gguf_name), qat, report))
             for t in tensors]
     return write_gguf(out, fam.arch_name(), data, metadata, split_max_size, desc="convert")[0]
+
+
+def _budget_types(ckpt: Checkpoint, fam: Family, tensors: list[PlannedTensor], mixture: str, target: budget.Target,
+                  imat, imatrix, metadata, allow_nonfinite: bool, allow_missing: bool, src) -> budget.Plan:
+    """Set each tensor's type to what meets `target` (every candidate type measured on the
+    checkpoint's tensors, with the importance matrix where there is one)."""
+    metas = [TensorMeta(t.gguf_name, tuple(reversed(t.shape)), t.qtype if t.qtype in FLOAT_TYPES else Q.F32)
+             for t in tensors]
+    names = budget.budgeted(metas)
+    by_name = {t.gguf_name: t for t in tensors}
+    weights = {}
+    if imat is not None:
+        weights = weights_for(imat, {n: tuple(reversed(by_name[n].shape)) for n in names},
+                              imatrix if isinstance(imatrix, (str, Path)) else src, allow_missing)[0]
+    offset, alignment = data_offset(fam.arch_name(), [TensorOut(t.gguf_name, t.shape, t.qtype, ()) for t in tensors],
+                                    metadata)
+    info = model_info(written_metadata(fam.arch_name(), fam.write_hparams))
+    with bar(total=len(names), desc="measure types", unit="tensor") as pbar:
+        chosen = budget.plan(metas, info, mixture, target, offset, alignment,
+                             lambda n: _chunks(ckpt, fam, by_name[n], allow_nonfinite), weights,
+                             has_imatrix=imat is not None, source=src, progress=lambda i, n: pbar.update(1))
+    for t in tensors:
+        t.qtype = chosen.types[t.gguf_name]
+    return chosen
 
 
 # quantize.imatrix.file of a model whose imatrix convert measured itself
@@ -229,15 +284,15 @@ def _encoded(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: b
         report.append(row)
         yield from data
     else:
-        for x in chunks():
-            yield encode(x, t.qtype, imatrix)
+        for expert, x in chunks():
+            yield encode(x, t.qtype, _expert_weights(imatrix, expert, t.shape[-1]))
 
 
 def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, imatrix: np.ndarray | None):
     """Exact grid codes when every block of the tensor fits, else ggml-style quantization; both
     with the tensor's max error against the checkpoint."""
     fitted = []
-    for x in chunks():
+    for _, x in chunks():
         fit = fit_grid(x, t.qtype, source_dtype)
         if fit is None:
             break
@@ -249,8 +304,8 @@ def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, imatrix: np.n
     errors = []
 
     def quantized():
-        for x in chunks():
-            q = encode(x, t.qtype, imatrix)
+        for expert, x in chunks():
+            q = encode(x, t.qtype, _expert_weights(imatrix, expert, t.shape[-1]))
             errors.append(float(np.abs(dequantize(q.reshape(x.shape[0], -1), t.qtype) - x.reshape(x.shape[0], -1)).max()))
             yield q
     data = list(quantized())

@@ -1,6 +1,8 @@
 """Tokenizers -> GGUF keys: BPE vocabularies from tokenizer.json (pre-tokenizer identified from its own
 definition, cross-checked against llama.cpp's hashes of known tokenizers), SentencePiece from
-tokenizer.model; special tokens, add_bos/add_eos and the chat template through gguf's SpecialVocab."""
+tokenizer.model; special tokens, add_bos/add_eos, the chat template and the normalizer flags as llama.cpp's
+converter reads them (`special_vocab`). Which files a family reads, and the settings it adds (the space
+prefix), the family decides (`Family.load_vocab`)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import gguf
 
+from ggufkit.convert.special_vocab import SpecialVocab
 from ggufkit.errors import GgufkitError
 
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
@@ -127,7 +130,7 @@ class Vocab:
     types: list[int]
     scores: list[float] | None = None
     add_space_prefix: bool | None = None
-    special: gguf.SpecialVocab | None = field(default=None, repr=False)
+    special: SpecialVocab | None = field(default=None, repr=False)
 
     def add_to_gguf(self, w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
@@ -171,11 +174,14 @@ def load_bpe(root: Path, vocab_size: int) -> Vocab:
         else:
             tokens.append(text)
             types.append(gguf.TokenType.NORMAL)
-    special = gguf.SpecialVocab(root, load_merges=True, n_vocab=vocab_size)
+    special = SpecialVocab(root, load_merges=True)
     return Vocab("gpt2", pre, tokens, types, special=special)
 
 
-def load_sentencepiece(root: Path, vocab_size: int) -> Vocab:
+def load_sentencepiece(root: Path, vocab_size: int, verbatim_added_tokens: bool = False) -> Vocab:
+    """tokenizer.model's pieces, then the added tokens (`_apply_added_tokens`). With
+    `verbatim_added_tokens` (Phi-3's converter) the tokenizer files' added tokens are typed by their
+    `special` flag alone and kept as written, and tokenizer.json's added tokens apply too."""
     path = root / "tokenizer.model"
     try:
         from sentencepiece import SentencePieceProcessor
@@ -201,13 +207,12 @@ def load_sentencepiece(root: Path, vocab_size: int) -> Vocab:
         types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
                      else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
                      else gguf.TokenType.NORMAL)
-    _apply_added_tokens(root, tokens, scores, types)
-    special = gguf.SpecialVocab(root, n_vocab=vocab_size)
-    return Vocab("llama", "default", tokens, types, scores=scores,
-                 add_space_prefix=proto.normalizer_spec.add_dummy_prefix, special=special)
+    _apply_added_tokens(root, tokens, scores, types, verbatim_added_tokens)
+    special = SpecialVocab(root, n_vocab=vocab_size)
+    return Vocab("llama", "default", tokens, types, scores=scores, special=special)
 
 
-def _apply_added_tokens(root: Path, tokens: list, scores: list, types: list) -> None:
+def _apply_added_tokens(root: Path, tokens: list, scores: list, types: list, verbatim: bool = False) -> None:
     """added_tokens.json (older checkpoints), then added_tokens_decoder in tokenizer_config.json,
     override pieces (e.g. Gemma's control tokens); ids past the vocabulary are ignored, as llama.cpp does."""
     added = root / "added_tokens.json"
@@ -221,27 +226,45 @@ def _apply_added_tokens(root: Path, tokens: list, scores: list, types: list) -> 
         for text, i in entries.items():
             if isinstance(i, int) and 0 <= i < len(tokens):
                 tokens[i], scores[i], types[i] = text, -1000.0, gguf.TokenType.USER_DEFINED
-    cfg = root / "tokenizer_config.json"
-    if not cfg.is_file():
-        return
-    decoder = json.loads(cfg.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
-    for sid, entry in decoder.items():
+    entries = list(_read_json(root / "tokenizer_config.json").get("added_tokens_decoder", {}).items())
+    if verbatim:
+        entries += [(a["id"], a) for a in _read_json(root / "tokenizer.json").get("added_tokens", [])]
+    for sid, entry in entries:
         i = int(sid)
         if i >= len(tokens):
             continue
         text = entry["content"]
         tokens[i] = text
         scores[i] = -1000.0
-        if entry.get("special") or _looks_special(text):
+        if entry.get("special") or (not verbatim and _looks_special(text)):
             types[i] = gguf.TokenType.CONTROL
         else:
-            tokens[i] = text.replace("\u2581", " ")
+            tokens[i] = text if verbatim else text.replace("\u2581", " ")
             types[i] = gguf.TokenType.USER_DEFINED
 
 
-def load_vocab(root: Path, vocab_size: int) -> Vocab:
-    if (root / "tokenizer.model").is_file():
-        return load_sentencepiece(root, vocab_size)
-    if (root / "tokenizer.json").is_file():
-        return load_bpe(root, vocab_size)
-    raise GgufkitError("no tokenizer: neither tokenizer.model nor tokenizer.json", root)
+def _read_json(path: Path) -> dict:
+    """A tokenizer file's JSON object, or {} where the checkpoint has none."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GgufkitError(f"invalid JSON: {exc}", path) from None
+    return data if isinstance(data, dict) else {}
+
+
+def tokenizer_config(root: Path) -> dict:
+    return _read_json(root / "tokenizer_config.json")
+
+
+def load_vocab(root: Path, vocab_size: int, kinds=("sentencepiece", "bpe"),
+               verbatim_added_tokens: bool = False) -> Vocab:
+    """The first of `kinds` ("sentencepiece": tokenizer.model, "bpe": tokenizer.json) the checkpoint has."""
+    for kind in kinds:
+        if kind == "sentencepiece" and (root / "tokenizer.model").is_file():
+            return load_sentencepiece(root, vocab_size, verbatim_added_tokens)
+        if kind == "bpe" and (root / "tokenizer.json").is_file():
+            return load_bpe(root, vocab_size)
+    files = {"sentencepiece": "tokenizer.model", "bpe": "tokenizer.json"}
+    raise GgufkitError("no tokenizer: " + " nor ".join(files[k] for k in kinds), root)

@@ -77,6 +77,34 @@ def write_gguf(out, arch: str | None, tensors: list[TensorOut], metadata: Callab
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def data_offset(arch: str | None, tensors: list[TensorOut], metadata: Callable[[gguf.GGUFWriter], None]) -> tuple[int, int]:
+    """(where the tensor data starts, the data alignment) in the one file `write_gguf` would write for
+    the same arguments: the header, key/values and tensor infos, measured by writing just them (to a
+    temp file). Tensor types do not change it (an info has a fixed size), so the whole file is this
+    plus each tensor's bytes padded to the alignment (`padded`)."""
+    with tempfile.TemporaryDirectory(prefix=".ggufkit-header-") as tmp:
+        w = gguf.GGUFWriter(Path(tmp) / "header.gguf", arch or "")
+        for t in tensors:
+            _declare(w, t)
+        metadata(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        end = w.fout[0].tell()
+        w.close()
+    return padded(end, w.data_alignment), w.data_alignment
+
+
+def padded(n_bytes: int, alignment: int) -> int:
+    return -(-n_bytes // alignment) * alignment
+
+
+def tensor_bytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    """Bytes of a tensor of `shape` (numpy order: rows..., cols) stored as `qtype`."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
+
+
 def copy_metadata(w: gguf.GGUFWriter, header: GgufHeader, skip=()) -> None:
     """The header's key/values with their GGUF types, but general.architecture (the writer has its
     own) and the keys in `skip`; general.alignment also aligns the data written."""

@@ -17,6 +17,7 @@ import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -198,8 +199,11 @@ class ImatrixRun:
 
 
 def collect(model, texts, ctx: int = DEFAULT_CTX, chunks: int | None = None, process_output: bool = False,
-            n_gpu_layers: int = 0, threads: int | None = None) -> Imatrix:
-    """The importance matrix of `model` over the concatenated `texts` (paths)."""
+            n_gpu_layers: int = 0, threads: int | None = None,
+            on_windows: tuple[tuple[int, ...], Callable[[Imatrix], None]] | None = None) -> Imatrix:
+    """The importance matrix of `model` over the concatenated `texts` (paths). `on_windows` =
+    (counts, callback): the callback also gets the matrix of the first n windows for each n in counts
+    (one pass gives a whole curve of calibration sizes)."""
     if ctx < MIN_ROWS:
         raise GgufkitError(f"--ctx {ctx} is too small (llama-imatrix ignores batches under {MIN_ROWS} tokens)")
     texts = [Path(t) for t in texts]
@@ -222,6 +226,8 @@ def collect(model, texts, ctx: int = DEFAULT_CTX, chunks: int | None = None, pro
                     if collector.error is not None:
                         raise collector.error
                 collector.window_done()
+                if on_windows is not None and i + 1 in on_windows[0]:
+                    on_windows[1](collector.result(ctx, [str(t) for t in texts]))
                 pbar.set_postfix_str(f"{(i + 1) * ctx / (time.perf_counter() - start):.0f} tok/s")
                 pbar.update(1)
     return collector.result(ctx, [str(t) for t in texts])

@@ -23,9 +23,9 @@ def family_for(config: dict, path=None) -> Family:
                        path)
 
 
-def family_for_gguf_arch(arch: str) -> type[Family]:
+def family_for_gguf_arch(arch: str, kv: dict | None = None) -> type[Family]:
     for fam in FAMILIES.values():
-        if fam.arch_name() == arch:
+        if fam.arch_name() == arch and (kv is None or fam.reads_gguf(kv)):
             return fam
     supported = sorted({f.arch_name() for f in FAMILIES.values()})
     raise GgufkitError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(supported)}")

@@ -1,13 +1,21 @@
 """What every decoder-only family shares: the HF config -> GGUF hyper-parameters that llama.cpp's
-converter writes for all text models, the tensor name map (from gguf), and the llama-style tensor
-list used to check a checkpoint against its config. Families override only what differs."""
+converter writes for all text models, the tensor name map (from gguf), the llama-style tensor list
+used to check a checkpoint against its config (with the variations families declare: fused q/k/v or
+gate/up projections, q/k norms, extra norms, mixture-of-experts layers), how per-expert tensors
+merge into llama.cpp's 3-D ffn_*_exps tensors, and which tokenizer files a family reads. Families
+override only what differs."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import gguf
 import numpy as np
+
+from ggufkit.convert.tokenizer import Vocab, load_vocab
 
 FAMILIES: dict[str, type["Family"]] = {}
 
@@ -21,13 +29,35 @@ def register(*architectures: str):
     return wrap
 
 
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts layer as the checkpoint stores it: a router `<module>.gate.weight` and one
+    tensor per expert and projection, `<module>.experts.<e>.<proj>.weight`, which llama.cpp stacks
+    into one 3-D tensor per projection (experts x rows x cols: ffn_gate_exps, ffn_up_exps,
+    ffn_down_exps)."""
+    module: str  # "mlp" (Qwen3-MoE), "block_sparse_moe" (Mixtral)
+    gate: str  # the per-expert projection names
+    up: str
+    down: str
+    ff_key: str  # the config key of one expert's hidden size
+
+
+EXPERT = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<e>\d+)\.(?P<proj>[^.]+)\.weight$")
+
+
 class Family:
     architectures: tuple[str, ...] = ()
     arch: gguf.MODEL_ARCH
     hf_model_type: str  # config.json's model_type, for export-hf
     attention_bias = False  # q/k/v biases (Qwen2)
-    qk_norm = False  # per-head q/k RMS norms (Qwen3, Gemma 3)
-    sandwich_norms = False  # extra post-attention / pre- and post-FFN norms (Gemma 3)
+    qk_norm: str | None = None  # q/k RMS norms: "head" per head (Qwen3, Gemma 3), "full" over all heads (OLMo 2)
+    fused_qkv = False  # one qkv_proj (Phi-3), as llama.cpp keeps it (attn_qkv)
+    fused_gate_up = False  # one gate_up_proj (Phi-3), as llama.cpp keeps it (ffn_up, twice the rows)
+    # the per-layer norms, in the checkpoint's names (Gemma's sandwich adds pre/post-FFN norms)
+    layer_norms = ("input_layernorm", "post_attention_layernorm")
+    experts: Experts | None = None  # mixture-of-experts layers (Qwen3-MoE, Mixtral)
+    # tokenizer files the family reads, in llama.cpp's converter's order of preference
+    tokenizers = ("sentencepiece", "bpe")
 
     def __init__(self, config: dict):
         # Multimodal wrappers keep the language model's settings under text_config.
@@ -38,6 +68,16 @@ class Family:
     @classmethod
     def arch_name(cls) -> str:
         return gguf.MODEL_ARCH_NAMES[cls.arch]
+
+    @classmethod
+    def reads_gguf(cls, kv: dict) -> bool:
+        """Whether this family exports a GGUF of its architecture (several families can share one:
+        Llama and Mixtral)."""
+        return True
+
+    def config_value(self, *keys: str, default=None):
+        """The first of `keys` the config sets (llama.cpp's converter's find_hparam)."""
+        return next((self.config[k] for k in keys if self.config.get(k) is not None), default)
 
     # --- hyper-parameters -------------------------------------------------------------------
     @property
@@ -87,42 +127,82 @@ class Family:
             w.add_rope_freq_base_swa(swa_theta)
         if "rms_norm_eps" in c:
             w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+        if (eps := self.config_value("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")) is not None:
+            w.add_layer_norm_eps(eps)
+        if (n_expert := self.n_expert) is not None:
+            w.add_expert_count(n_expert)
+        if (n_used := self.config_value("num_experts_per_tok", "num_experts_per_token")) is not None:
+            w.add_expert_used_count(n_used)
         if c.get("head_dim") is not None:
             w.add_key_length(c["head_dim"])
             w.add_value_length(c["head_dim"])
+
+    @property
+    def n_expert(self) -> int | None:
+        return self.config_value("num_local_experts", "num_experts")
 
     # --- tensors ----------------------------------------------------------------------------
     def expected_tensors(self) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape the config implies, in the order they are written."""
         c = self.config
-        d, ff, hd = c["hidden_size"], c["intermediate_size"], self.head_dim
-        nq, nkv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+        d = c["hidden_size"]
         out = {"model.embed_tokens.weight": (c["vocab_size"], d)}
         for i in range(self.n_layer):
             p = f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = (d,)
-            out[p + "self_attn.q_proj.weight"] = (nq * hd, d)
-            out[p + "self_attn.k_proj.weight"] = (nkv * hd, d)
-            out[p + "self_attn.v_proj.weight"] = (nkv * hd, d)
-            if self.attention_bias:
-                out[p + "self_attn.q_proj.bias"] = (nq * hd,)
-                out[p + "self_attn.k_proj.bias"] = (nkv * hd,)
-                out[p + "self_attn.v_proj.bias"] = (nkv * hd,)
-            if self.qk_norm:
-                out[p + "self_attn.q_norm.weight"] = (hd,)
-                out[p + "self_attn.k_norm.weight"] = (hd,)
-            out[p + "self_attn.o_proj.weight"] = (d, nq * hd)
-            out[p + "post_attention_layernorm.weight"] = (d,)
-            if self.sandwich_norms:
-                out[p + "pre_feedforward_layernorm.weight"] = (d,)
-                out[p + "post_feedforward_layernorm.weight"] = (d,)
-            out[p + "mlp.gate_proj.weight"] = (ff, d)
-            out[p + "mlp.up_proj.weight"] = (ff, d)
-            out[p + "mlp.down_proj.weight"] = (d, ff)
+            out.update(self._attention_tensors(p))
+            out.update({p + norm + ".weight": (d,) for norm in self.layer_norms})
+            out.update(self._ffn_tensors(p))
         out["model.norm.weight"] = (d,)
         if not c.get("tie_word_embeddings", False):
             out["lm_head.weight"] = (c["vocab_size"], d)
         return out
+
+    def _attention_tensors(self, p: str) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        d, hd = c["hidden_size"], self.head_dim
+        nq, nkv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        a = p + "self_attn."
+        if self.fused_qkv:
+            out = {a + "qkv_proj.weight": ((nq + 2 * nkv) * hd, d)}
+        else:
+            out = {a + "q_proj.weight": (nq * hd, d), a + "k_proj.weight": (nkv * hd, d),
+                   a + "v_proj.weight": (nkv * hd, d)}
+        if self.attention_bias:
+            out.update({a + "q_proj.bias": (nq * hd,), a + "k_proj.bias": (nkv * hd,), a + "v_proj.bias": (nkv * hd,)})
+        if self.qk_norm:
+            per_head = self.qk_norm == "head"
+            out.update({a + "q_norm.weight": (hd if per_head else nq * hd,),
+                        a + "k_norm.weight": (hd if per_head else nkv * hd,)})
+        out[a + "o_proj.weight"] = (d, nq * hd)
+        return out
+
+    def _ffn_tensors(self, p: str) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        d = c["hidden_size"]
+        if (x := self.experts) is not None:
+            ff, m = c[x.ff_key], p + x.module
+            out = {m + ".gate.weight": (self.n_expert, d)}
+            for e in range(self.n_expert):
+                out.update({f"{m}.experts.{e}.{x.gate}.weight": (ff, d), f"{m}.experts.{e}.{x.up}.weight": (ff, d),
+                            f"{m}.experts.{e}.{x.down}.weight": (d, ff)})
+            return out
+        ff = c["intermediate_size"]
+        if self.fused_gate_up:
+            return {p + "mlp.gate_up_proj.weight": (2 * ff, d), p + "mlp.down_proj.weight": (d, ff)}
+        return {p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d),
+                p + "mlp.down_proj.weight": (d, ff)}
+
+    def layout(self, hf_names: Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
+        """The GGUF tensors made from these checkpoint tensors, in order: (GGUF name, its sources).
+        One source each, except experts' tensors: all experts of a projection, stacked in expert
+        order into one 3-D tensor (as llama.cpp's converter merges them); None names a tensor
+        that cannot be mapped."""
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for name in hf_names:
+            m = EXPERT.match(name) if self.experts is not None else None
+            key = f"{m['prefix']}{m['proj']}.weight" if m else name
+            groups.setdefault(key, []).append((int(m["e"]) if m else 0, name))
+        return [(self.gguf_name(key), tuple(n for _, n in sorted(members))) for key, members in groups.items()]
 
     def checkpoint_name(self, name: str) -> str | None:
         """The language model's name for a checkpoint tensor, or None for a tensor of another part
@@ -149,6 +229,20 @@ class Family:
 
     def extra_tensors(self) -> Iterable[tuple[str, np.ndarray]]:
         return ()
+
+    # --- tokenizer ------------------------------------------------------------------------------
+    verbatim_added_tokens = False  # Phi-3's converter reads added tokens its own way (see load_sentencepiece)
+
+    def load_vocab(self, root: Path) -> Vocab:
+        """The tokenizer as llama.cpp's converter reads it for this family: the first of `tokenizers`
+        whose file the checkpoint has, with the family's own settings (`tokenizer_settings`)."""
+        vocab = load_vocab(root, self.config["vocab_size"], self.tokenizers, self.verbatim_added_tokens)
+        self.tokenizer_settings(root, vocab)
+        return vocab
+
+    def tokenizer_settings(self, root: Path, vocab: Vocab) -> None:
+        """What the family's converter writes beyond the common reading (Llama: add_prefix_space from
+        tokenizer_config.json; Gemma: no space prefix)."""
 
     # --- export-hf: GGUF metadata -> config.json ----------------------------------------------
     def hf_architecture(self) -> str:

@@ -1,20 +1,19 @@
-"""Gemma 3 (text): sandwich norms, q/k norms, tied embeddings; HF's RMSNorm multiplies by (1 + w),
-llama.cpp's by w, so norm weights are shifted by one."""
+"""Gemma 3 (text): Gemma 2's sandwich norms and (1 + w) norm weights, with q/k norms, tied embeddings."""
 
 from __future__ import annotations
 
 import gguf
-import numpy as np
 
 from ggufkit.convert.families.base import Family, register
+from ggufkit.convert.families.gemma2 import GEMMA_NORMS, GemmaNorms
 
 
 @register("Gemma3ForCausalLM")
-class Gemma3(Family):
+class Gemma3(GemmaNorms, Family):
     arch = gguf.MODEL_ARCH.GEMMA3
     hf_model_type = "gemma3_text"
-    qk_norm = True
-    sandwich_norms = True
+    qk_norm = "head"
+    layer_norms = GEMMA_NORMS
 
     def __init__(self, config: dict):
         # Gemma's configs leave these to transformers' defaults; llama.cpp must be told explicitly.
@@ -29,12 +28,6 @@ class Gemma3(Family):
             w.add_final_logit_softcapping(c["final_logit_softcapping"])
         if c.get("sliding_window_pattern") != 1:
             w.add_sliding_window(c["sliding_window"])
-
-    def transform(self, hf_name: str, x: np.ndarray) -> np.ndarray:
-        return x + np.float32(1.0) if hf_name.endswith("norm.weight") else x
-
-    def untransform(self, gguf_name: str, x: np.ndarray) -> np.ndarray:
-        return x - np.float32(1.0) if gguf_name.endswith("norm.weight") else x
 
     @classmethod
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:

@@ -4,11 +4,13 @@ and Llama 3.1's frequency scaling as a rope_freqs tensor."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import gguf
 import numpy as np
 
 from ggufkit.convert.families.base import Family, register
+from ggufkit.convert.tokenizer import Vocab, tokenizer_config
 
 
 def permute_qk(x: np.ndarray, n_head: int) -> np.ndarray:
@@ -38,12 +40,24 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 class Llama(Family):
     arch = gguf.MODEL_ARCH.LLAMA
     hf_model_type = "llama"
+    derived_head_dim = True  # head_dim is written even where config.json leaves it out
+
+    @classmethod
+    def reads_gguf(cls, kv: dict) -> bool:
+        return f"{cls.arch_name()}.expert_count" not in kv  # those are Mixtral's
+
+    def tokenizer_settings(self, root: Path, vocab: Vocab) -> None:
+        if (prefix := tokenizer_config(root).get("add_prefix_space")) is not None:
+            vocab.add_space_prefix = prefix
+        if self.config.get("vocab_size") == 49152:  # llama.cpp's converter: Granite's small models (and SmolLM's)
+            vocab.special.add_special_token["bos"] = False
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
         super().write_hparams(w)
         w.add_vocab_size(self.config["vocab_size"])
         w.add_rope_dimension_count(self.head_dim)
-        if "head_dim" not in self.config:  # transformers' LlamaConfig derives it, so llama.cpp's converter sees it
+        if "head_dim" not in self.config and self.derived_head_dim:
+            # transformers' LlamaConfig derives it, so llama.cpp's converter sees it
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
 

@@ -9,4 +9,4 @@ from ggufkit.convert.families.base import Family, register
 class Qwen3(Family):
     arch = gguf.MODEL_ARCH.QWEN3
     hf_model_type = "qwen3"
-    qk_norm = True
+    qk_norm = "head"
