@@ -165,3 +165,16 @@ def test_rejects_bad_input(qtype):
     bad[1, 3] = np.nan
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize(bad, qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_overflowing_intermediates_match_ggml(qtype):
+    """Weights near 1e15-1e36 with an imatrix: the searches' sums and a super-block's sub-block scales
+    overflow to inf or NaN, and levels must then follow ggml's nearest_int, not plain rounding (a
+    fuzz run found Q3_K's scale-of-scales search diverging here)."""
+    rng = np.random.default_rng(86)
+    for scale in (2e15, 1e20, 1e36):
+        x = (rng.standard_normal((2, 512)) * scale).astype(np.float32)
+        for imatrix in (None, np.full(512, 795, np.float32), (rng.random(512) * 1000).astype(np.float32)):
+            with np.errstate(all="ignore"):
+                assert_same_as_ggml(x, qtype, imatrix)

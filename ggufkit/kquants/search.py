@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufkit.kquants.jit import (F32, GROUP_MAX_EPS, inline, lane_mat, lane_vec, level_f, nearest_f, nearest_int,
-                                 round_f)
+from ggufkit.kquants.jit import F32, GROUP_MAX_EPS, inline, lane_mat, lane_vec, level_f, nearest_f, nearest_int
 
 # Below this, round_f's float rounding equals ggml's nearest_int (exact up to 2^22).
 BOUND = np.float32(2**21)
@@ -48,7 +47,19 @@ def signed_absmax(x, mx, amax):
 
 
 @inline
-def _qx_sums(x, w, iscale, lo, hi, acc):
+def all_finite(x):
+    """Whether every value in the lanes is finite (searches over intermediate values, such as a
+    super-block's overflowed scales, may see inf or NaN)."""
+    n, lanes = x.shape[0], LANES
+    bad = 0
+    for i in range(n):
+        for k in range(lanes):
+            bad |= not abs(x[i, k]) < np.inf
+    return bad == 0
+
+
+@inline
+def _qx_sums(x, w, iscale, lo, hi, acc, exact):
     """Per lane sum(w*x*l) into acc[0] and sum(w*l*l) into acc[1]. Accumulators live in one array:
     with one array per sum the compiler's alias checks give up and the loop runs scalar (7x slower)."""
     n, lanes = x.shape[0], LANES
@@ -57,7 +68,7 @@ def _qx_sums(x, w, iscale, lo, hi, acc):
         acc[1, k] = 0
     for i in range(n):
         for k in range(lanes):
-            lf = round_f(iscale[k] * x[i, k], lo, hi)  # |arg| <= nmax + 1 in kept lanes
+            lf = level_f(iscale[k] * x[i, k], lo, hi, exact)  # |arg| <= nmax + 1 for finite x
             acc[0, k] += w[i, k] * x[i, k] * lf
             acc[1, k] += w[i, k] * lf * lf
 
@@ -70,11 +81,12 @@ def make_qx_quants(x, w, nmax, L, scale):
     lo, hi = F32(-nmax), F32(nmax - 1)
     mx, amax = lane_vec(F32), lane_vec(F32)
     signed_absmax(x, mx, amax)
+    exact = not all_finite(x)
     iscale, best_iscale = lane_vec(F32), lane_vec(F32)
     acc, best = lane_mat(2, F32), lane_vec(F32)
     for k in range(lanes):
         iscale[k] = F32(-nmax) / mx[k]
-    _qx_sums(x, w, iscale, lo, hi, acc)
+    _qx_sums(x, w, iscale, lo, hi, acc, exact)
     for k in range(lanes):
         s = acc[0, k] / acc[1, k] if acc[1, k] != 0 else F32(0)
         scale[k] = s
@@ -85,7 +97,7 @@ def make_qx_quants(x, w, nmax, L, scale):
             continue
         for k in range(lanes):
             iscale[k] = -(F32(nmax) + F32(0.1) * F32(step)) / mx[k]
-        _qx_sums(x, w, iscale, lo, hi, acc)
+        _qx_sums(x, w, iscale, lo, hi, acc, exact)
         for k in range(lanes):  # selects, not branches: this loop vectorizes too
             sumlx, suml2 = acc[0, k], acc[1, k]
             better = (suml2 > 0) & (sumlx * sumlx > best[k] * suml2)
@@ -95,7 +107,7 @@ def make_qx_quants(x, w, nmax, L, scale):
             best_iscale[k] = iscale[k] if better else best_iscale[k]
     for i in range(n):
         for k in range(lanes):
-            L[i, k] = np.uint8(round_f(best_iscale[k] * x[i, k], lo, hi) + F32(nmax))
+            L[i, k] = np.uint8(level_f(best_iscale[k] * x[i, k], lo, hi, exact) + F32(nmax))
     for k in range(lanes):
         if amax[k] < GROUP_MAX_EPS:  # all zero: ggml returns 0 with L = 0
             scale[k] = 0
@@ -143,9 +155,12 @@ def make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
         scale[k] = F32(1) / iscale[k]
         best_iscale[k] = iscale[k]
         best_mn[k] = mn[k]
+    exact = False  # |iscale*(x - min)| <= nmax unless max - min overflowed
+    for k in range(lanes):
+        exact |= flat[k] == 0 and not abs(iscale[k]) * (mx[k] - mn[k]) < BOUND
     for i in range(n):
         for k in range(lanes):
-            lf = round_f(iscale[k] * (x[i, k] - mn[k]), zero, fmax)  # in [0, nmax]: x lies in [min, max]
+            lf = level_f(iscale[k] * (x[i, k] - mn[k]), zero, fmax, exact)
             diff = scale[k] * lf + mn[k] - x[i, k]
             best[k] += w[i, k] * (abs(diff) if use_mad else diff * diff)
     aux = lane_mat(n, F32)
