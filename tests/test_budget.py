@@ -202,3 +202,17 @@ def test_convert_refuses_a_budget_for_float_types(tmp_path, capsys):
     assert main(["convert", str(ckpt), "-o", str(tmp_path / "x.gguf"), "--type", "F16", "--target-size", "1M"]) == 1
     assert "--target-size 1M applies to llama.cpp's mixtures" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_convert_calibrated_meets_the_budget(tmp_path):
+    """--calibration's importance matrix (measured through llama.cpp) weighs the budget's errors."""
+    from ggufkit.commands.convert import DEFAULT_CALIBRATION, convert_calibrated
+
+    ckpt = wide_llama(tmp_path / "hf")
+    text = tmp_path / "text.txt"
+    text.write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    plans = []
+    out = convert_calibrated(ckpt, tmp_path / "out.gguf", "Q4_K_M", [text], ctx=64, chunks=2, threads=2,
+                             target=Target(bpw=4.0), plans=plans)
+    assert plans[0].used <= plans[0].limit and plans[0].file_bytes == out.stat().st_size
+    assert read_header(out).metadata["quantize.imatrix.chunks_count"] == 2
