@@ -27,8 +27,8 @@ def _tree_rss_mb(pid: int) -> float:
 
 def run_measured(cmd: list[str], **kwargs) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of a child process; raises if it fails. The peak is the larger
-    of the child's own (wait4) and its process tree's summed RSS sampled every 20 ms (ggufkit's
-    quantizing worker processes run beside the main one)."""
+    of the child's own (wait4) and its process tree's summed RSS sampled every 20 ms (a pipeline's
+    steps, such as convert_hf_to_gguf.py's, may run in children of the measured process)."""
     # stderr goes to a file: llama.cpp's tools log more than a pipe holds, and the pipe is read
     # only after the child exits (wait4 is what gives this child's own peak RSS)
     with tempfile.TemporaryFile() as err:
