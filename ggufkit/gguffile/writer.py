@@ -52,14 +52,7 @@ def write_gguf(out, arch: str | None, tensors: list[TensorOut], metadata: Callab
     try:
         # held until the end: another run's leftover sweep must not take this folder for one
         fcntl.flock(lock, fcntl.LOCK_EX)
-        # for an empty name gguf writes no general.architecture
-        w = gguf.GGUFWriter(tmpdir / out.name, arch or "", split_max_size=split_max_size)
-        for t in tensors:
-            _declare(w, t)
-        metadata(w)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        w = _write_head(tmpdir / out.name, arch, tensors, metadata, split_max_size)
         total = 0
         with bar(total=len(tensors), desc=desc, unit="tensor") as pbar:
             for t in tensors:
@@ -77,19 +70,27 @@ def write_gguf(out, arch: str | None, tensors: list[TensorOut], metadata: Callab
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def _write_head(path: Path, arch: str | None, tensors: list[TensorOut], metadata: Callable[[gguf.GGUFWriter], None],
+                split_max_size: int = 0) -> gguf.GGUFWriter:
+    """A writer at `path` that has written the header, key/values and tensor infos, tensor data next."""
+    # for an empty name gguf writes no general.architecture
+    w = gguf.GGUFWriter(path, arch or "", split_max_size=split_max_size)
+    for t in tensors:
+        _declare(w, t)
+    metadata(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w
+
+
 def data_offset(arch: str | None, tensors: list[TensorOut], metadata: Callable[[gguf.GGUFWriter], None]) -> tuple[int, int]:
     """(where the tensor data starts, the data alignment) in the one file `write_gguf` would write for
     the same arguments: the header, key/values and tensor infos, measured by writing just them (to a
     temp file). Tensor types do not change it (an info has a fixed size), so the whole file is this
     plus each tensor's bytes padded to the alignment (`padded`)."""
     with tempfile.TemporaryDirectory(prefix=".ggufkit-header-") as tmp:
-        w = gguf.GGUFWriter(Path(tmp) / "header.gguf", arch or "")
-        for t in tensors:
-            _declare(w, t)
-        metadata(w)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        w = _write_head(Path(tmp) / "header.gguf", arch, tensors, metadata)
         end = w.fout[0].tell()
         w.close()
     return padded(end, w.data_alignment), w.data_alignment
