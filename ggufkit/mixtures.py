@@ -40,6 +40,9 @@ MIXTURES: dict[str, tuple[LlamaFileType, GGMLQuantizationType]] = {
     "Q5_0": (F.MOSTLY_Q5_0, Q.Q5_0),
     "Q4_1": (F.MOSTLY_Q4_1, Q.Q4_1),
     "Q4_0": (F.MOSTLY_Q4_0, Q.Q4_0),
+    "TQ2_0": (F.MOSTLY_TQ2_0, Q.TQ2_0),
+    "TQ1_0": (F.MOSTLY_TQ1_0, Q.TQ1_0),
+    "MXFP4_MOE": (F.MOSTLY_MXFP4_MOE, Q.MXFP4),
     "F16": (F.MOSTLY_F16, Q.F16),
     "BF16": (F.MOSTLY_BF16, Q.BF16),
     "F32": (F.ALL_F32, Q.F32),
@@ -186,10 +189,11 @@ class _Counters:
         self.n_ffn_down = n_layer
 
 
-def _output_type(model: ModelInfo, t: TensorMeta, new: GGMLQuantizationType, opts: Options) -> GGMLQuantizationType:
+def _output_type(mixture: str, model: ModelInfo, t: TensorMeta, new: GGMLQuantizationType,
+                 opts: Options) -> GGMLQuantizationType:
     if opts.output_type is not None:
         return opts.output_type
-    if model.arch == "falcon" or t.ne[0] % GGML_QUANT_SIZES[new][0]:
+    if mixture == "MXFP4_MOE" or model.arch == "falcon" or t.ne[0] % GGML_QUANT_SIZES[new][0]:
         return Q.Q8_0
     return new if new == Q.Q8_0 else Q.Q6_K
 
@@ -254,12 +258,22 @@ def _attn_output_type(mixture: str, model: ModelInfo, new: GGMLQuantizationType)
     return {"Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K}.get(mixture, new)
 
 
+def _is_expert_tensor(model: ModelInfo, t: TensorMeta) -> bool:
+    """A 3-D tensor of experts (bailingmoe3's 3-D MLA projections are not experts)."""
+    experts = len(t.ne) > 2 and t.ne[2] > 1
+    return experts and (model.arch != "bailingmoe3" or category(t.name) in ("ffn_up", "ffn_gate", "ffn_down"))
+
+
 def _mixture_type(mixture: str, model: ModelInfo, t: TensorMeta, new: GGMLQuantizationType, opts: Options,
                   has_imatrix: bool, tied: bool, counters: _Counters) -> GGMLQuantizationType:
     """The mixture's choice for one tensor, before the shape fallback."""
     cat = category(t.name)
     if cat == "output" or (tied and cat == "token_embd"):  # tied: token_embd is also the output
-        return _output_type(model, t, new, opts)
+        return _output_type(mixture, model, t, new, opts)
+    if mixture == "MXFP4_MOE":
+        return Q.MXFP4 if _is_expert_tensor(model, t) else Q.Q8_0
+    if cat == "token_embd" and mixture in ("TQ1_0", "TQ2_0"):
+        return Q.Q4_K
     if cat == "attn_v":
         new = _attn_v_type(mixture, model, counters.i_attn_v, counters.n_attn_v, new)
         counters.i_attn_v += 1

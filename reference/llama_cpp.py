@@ -35,7 +35,18 @@ def _ggml_lib() -> ctypes.CDLL:
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     return lib
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml.h's struct ggml_type_traits."""
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool),
+                ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)),
+                ("from_float_ref", ctypes.c_void_p)]
 
 
 def ggml_quantize(x: np.ndarray, qtype, imatrix: np.ndarray | None = None, start_row: int = 0,
@@ -53,6 +64,17 @@ def ggml_quantize(x: np.ndarray, qtype, imatrix: np.ndarray | None = None, start
     # start=0 on a sub-array: ggml's `start` only offsets src/dst by whole rows.
     ggml_lib().ggml_quantize_chunk(int(qtype), src.ctypes.data, out.ctypes.data, 0, nrows, cols,
                                    None if imat is None else imat.ctypes.data)
+    return out
+
+
+def ggml_dequantize(data: np.ndarray, qtype) -> np.ndarray:
+    """ggml's dequantize_row_* (the type's to_float) of (rows, row_bytes) blocks; returns (rows, cols)."""
+    from gguf import GGML_QUANT_SIZES
+
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    out = np.empty((data.shape[0], data.shape[1] // type_size * block), dtype=np.float32)
+    ggml_lib().ggml_get_type_traits(int(qtype)).contents.to_float(data.ctypes.data, out.ctypes.data, out.size)
     return out
 
 

@@ -1,7 +1,8 @@
 """Every ggufkit.kquants type against ggml (ggml_quantize_chunk through ctypes): the same bytes
 without an imatrix (ggml's quantize_row_*_ref) and with one (the *_impl paths), on real weights,
 synthetic Gaussian / heavy-tailed / outlier-column data with zero and constant rows, and hypothesis
-properties over shapes and magnitudes; plus the input errors."""
+properties over shapes and magnitudes; dequantized values equal to ggml's dequantize_row_*; plus the
+input errors."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ggufkit.kquants import dequantize, quantize
-from reference.llama_cpp import ggml_quantize
+from reference.llama_cpp import ggml_dequantize, ggml_quantize
 from reference.quantize import real_matrix
 
 pytestmark = pytest.mark.ggml
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.IQ4_XS]
-TYPES = K_TYPES + LEGACY_TYPES
+NO_IMATRIX_TYPES = [T.TQ1_0, T.TQ2_0, T.MXFP4]  # ggml takes an imatrix and ignores it
+TYPES = K_TYPES + LEGACY_TYPES + NO_IMATRIX_TYPES
 IMATRIX = [False, True]
 
 
@@ -75,6 +77,7 @@ def synthetic(kind: str, rows: int = 16, cols: int = 1024) -> np.ndarray:
         x[7, :16] = 0.5  # one constant sub-block
         x[8] = np.abs(x[8])  # all positive: the mins clamp at 0
         x[9] = -np.abs(x[9])  # all negative
+        x[10] *= np.float32(2**-140)  # subnormals only: 1/max overflows
         return x
     raise ValueError(kind)
 
@@ -99,10 +102,39 @@ def test_round_trip_equals_ggml_dequantized(real_weights, qtype):
     x = real_weights["gemma3.ffn_down"]
     for imatrix in (None, imatrix_for(x.shape[1])):
         ours = dequantize(quantize(x, qtype, imatrix), qtype)
-        ref = dequantize(ggml_quantize(x, qtype, imatrix), qtype)
+        ref = ggml_dequantize(ggml_quantize(x, qtype, imatrix), qtype)
         assert ours.shape == x.shape
         np.testing.assert_array_equal(ours, ref)
         assert np.abs(ours - x).max() < 0.5 * np.abs(x).max()  # and it is a quantization of x
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_any_bytes_equals_ggml(qtype):
+    """Blocks no quantizer writes (inf and NaN scales, unused codes) decode as ggml decodes them."""
+    raw = np.random.default_rng(18).integers(0, 256, (64, 4 * GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(dequantize(raw, qtype), ggml_dequantize(raw, qtype))
+
+
+def test_mxfp4_exponent_and_level_edges_match_ggml():
+    """MXFP4's exponent is floorf(log2f(max|x|)), which libm rounds up to n for maxima just below 2^n,
+    and its levels are the nearest of kvalue*d, overflowing near FLT_MAX: blocks whose maximum lies on
+    and just below every power of two, with elements on and one ulp beside every level and midpoint of
+    both candidate d."""
+    rng = np.random.default_rng(39)
+    multiples = np.array([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 10, 12, 14], np.float32)
+    blocks = []
+    with np.errstate(over="ignore"):
+        for n in range(-149, 129):
+            tops = np.float32([2.0**n, 2.0**n * (1 - 2**-24), 2.0**n * (1 - 3 * 2**-24)])
+            for d in np.float32([2.0**(n - 3), 2.0**(n - 4)]):
+                v = multiples * d
+                v = np.concatenate([v, np.nextafter(v, np.float32(0)), np.nextafter(v, np.float32(np.inf))])
+                for top in tops[np.isfinite(tops)]:
+                    block = rng.choice(v[np.isfinite(v) & (v <= top)], 32) * rng.choice(np.float32([-1, 1]), 32)
+                    block[rng.integers(32)] = top
+                    blocks.append(block)
+    assert_same_as_ggml(np.array(blocks, np.float32), T.MXFP4)
 
 
 # ---- properties: any shape and magnitude, compared with ggml's bytes ----
@@ -141,7 +173,7 @@ def test_property_matches_ggml(qtype, data, use_imatrix):
     assert_same_as_ggml(x, qtype, imatrix)
 
 
-@pytest.mark.parametrize("qtype", LEGACY_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", LEGACY_TYPES + NO_IMATRIX_TYPES, ids=lambda t: t.name)
 @PROPERTY
 @given(data=st.data())
 def test_property_any_finite_floats_match_ggml(qtype, data):

@@ -120,14 +120,14 @@ def _assert_identical_to_llama_quantize(tmp_path, model, mixture, imatrix=None):
 @pytest.mark.slow
 @pytest.mark.tools
 @pytest.mark.parametrize("mixture,with_imatrix", [("Q8_0", False), ("Q4_0", True), ("Q4_K_M", True),
-                                                  ("IQ4_XS", True)])
+                                                  ("IQ4_XS", True), ("TQ1_0", True)])
 def test_bytes_and_metadata_match_llama_quantize_smollm2(real_models, tmp_path, mixture, with_imatrix):
     path, imatrix = real_models["smollm2"]
     _assert_identical_to_llama_quantize(tmp_path, path, mixture, imatrix if with_imatrix else None)
 
 
 @pytest.mark.tools
-@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_S", "Q5_1", "IQ4_NL"])
+@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_S", "Q5_1", "IQ4_NL", "TQ1_0", "TQ2_0", "MXFP4_MOE"])
 def test_bytes_match_llama_quantize_synthetic(synthetic, tmp_path, mixture):
     path, imatrix = synthetic["moe8"]  # per-expert imatrix slices, 3-D tensors, 256-multiple rows
     _assert_identical_to_llama_quantize(tmp_path, path, mixture, imatrix)

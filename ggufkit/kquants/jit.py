@@ -21,7 +21,7 @@ def _cache_dir() -> Path:
     """A cache folder per version of these sources: numba checks only the timestamp of the file that
     defines a kernel, not of the helpers compiled into it from other files."""
     here = Path(__file__).parent
-    sources = [here / f"{name}.py" for name in ("jit", "search", "legacy", "k_quants", "iq4")]
+    sources = [here / f"{name}.py" for name in ("jit", "search", "legacy", "k_quants", "iq4", "ternary", "mxfp4")]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     root = Path(os.environ.get("GGUFKIT_CACHE") or Path.home() / ".cache" / "ggufkit") / "numba"
     if not (root / digest).exists() and root.is_dir():  # a new version: drop the old ones' code

@@ -13,7 +13,7 @@ from typing import Callable
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from ggufkit.kquants import iq4, k_quants, legacy
+from ggufkit.kquants import iq4, k_quants, legacy, mxfp4, ternary
 
 
 @dataclass(frozen=True)
@@ -48,4 +48,7 @@ BLOCK_TYPES: dict[T, BlockType] = {b.qtype: b for b in [
     BlockType(T.Q6_K, k_quants.q6_k),
     BlockType(T.IQ4_NL, iq4.iq4_nl),
     BlockType(T.IQ4_XS, iq4.iq4_xs),
+    BlockType(T.TQ1_0, ternary.tq1_0),
+    BlockType(T.TQ2_0, ternary.tq2_0),
+    BlockType(T.MXFP4, mxfp4.mxfp4),
 ]}
