@@ -75,6 +75,17 @@ def test_unsupported_architecture_lists_supported(ckpt, tmp_path, capsys):
                           "Qwen3ForCausalLM", "Gemma3ForCausalLM")
 
 
+@pytest.mark.parametrize("arch, change, words", [
+    ("OlmoeForCausalLM", {"num_key_value_heads": 2}, ("OLMoE", "grouped-query")),
+    ("Mistral3ForConditionalGeneration", {"text_config": {"model_type": "mistral4"}}, ("Mistral 4",)),
+])
+def test_configs_llama_cpp_cannot_run_are_refused(arch, change, words, ckpt, tmp_path, capsys):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, **change, "architectures": [arch]}))
+    out = tmp_path / "o.gguf"
+    assert_failed_cleanly(*run_convert(capsys, ckpt, out), out, *words)
+
+
 def test_truncated_safetensors(ckpt, tmp_path, capsys):
     path = ckpt / "model.safetensors"
     data = path.read_bytes()

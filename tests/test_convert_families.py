@@ -3,6 +3,8 @@ that llama.cpp runs like transformers' own forward pass."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -19,8 +21,9 @@ NEAR_TIE = 0.02
 
 
 # Families whose converter reads only tokenizer.model carry one of llama.cpp's vocabularies (from its
-# source tree: `tools`); the others SmolLM2's.
-SPM_ONLY = {"gemma2", "phi3"}
+# source tree: `tools`); GLM-4 SmolLM2's with GLM's added tokens; the others SmolLM2's.
+SPM_ONLY = {"gemma2", "phi3", "ernie4_5"}
+OWN_TOKENIZER = SPM_ONLY | set(tiny_models.ADDED_TOKENS)
 
 
 @pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.tools) if f in SPM_ONLY else f
@@ -30,13 +33,15 @@ def tiny(request, smollm2_hf, tmp_path_factory):
 
     root = tmp_path_factory.mktemp(request.param)
     tokenizer, overrides = (tiny_models.tokenizer_for(request.param, smollm2_hf, root / "vocab")
-                            if request.param in SPM_ONLY else (smollm2_hf, {}))
+                            if request.param in OWN_TOKENIZER else (smollm2_hf, {}))
     folder = tiny_models.build(request.param, root / "hf", tokenizer, **overrides)
     return request.param, folder, convert(folder, folder.parent / "model-f32.gguf", out_type="F32")
 
 
 def _hf_reference(folder):
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # the class the checkpoint names: image-text models have no AutoModelForCausalLM mapping
+    model_cls = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+    model = model_cls.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         seq = model.generate(torch.tensor([PROMPT]), max_new_tokens=N_NEW, do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0].tolist()

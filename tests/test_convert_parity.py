@@ -45,10 +45,45 @@ def test_gemma3_image_text_checkpoint_converts_its_text_model(gemma3_hf, tmp_pat
 def test_every_family_converts_like_llama_cpp(family, smollm2_hf, tmp_path):
     """Tiny checkpoints of each supported family (transformers' own configs and tensor names): the
     same metadata and tensors as llama.cpp's converter writes. Qwen's carry Qwen2's real vocabulary
-    (llama.cpp's converter does not take SmolLM2's tokenizer for them), Gemma 2's and Phi-3's Llama 2's
-    SentencePiece one (their converters read only tokenizer.model), the others SmolLM2's."""
+    (llama.cpp's converter does not take SmolLM2's tokenizer for them), Gemma 2's, Phi-3's and ERNIE's
+    Llama 2's SentencePiece one (their converters read only tokenizer.model), GLM-4's SmolLM2's with
+    GLM's added tokens, the others SmolLM2's."""
     tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
     ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides)
+    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
+
+
+@pytest.mark.parametrize("sliding", ["layer_types", "pattern"])
+def test_exaone4_sliding_window_and_rope_scaling_convert_like_llama_cpp(sliding, smollm2_hf, tmp_path):
+    """EXAONE 4.0 32B's layout on a tiny checkpoint: three in four layers attend through a sliding
+    window (from layer_types, or from sliding_window_pattern where a config has no layer_types), and
+    'llama3' RoPE scaling (a rope_freqs tensor). Parity only: llama.cpp runs the window for the
+    64-layer model alone."""
+    import json
+
+    rope = dict(rope_type="llama3", rope_theta=1e6, factor=16.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=64)
+    ckpt = tiny_models.build("exaone4", tmp_path / "hf", smollm2_hf, num_hidden_layers=4, sliding_window=16,
+                             sliding_window_pattern=4, layer_types=None, rope_parameters=rope)
+    if sliding == "pattern":
+        cfg = json.loads((ckpt / "config.json").read_text())
+        del cfg["layer_types"]
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
+    kv = gguf.GGUFReader(tmp_path / "ours.gguf").fields
+    assert kv["exaone4.attention.sliding_window_pattern"].contents() == [True, True, True, False]
+    assert "rope_freqs.weight" in [t.name for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors]
+
+
+def test_ernie_checkpoint_under_baidus_architecture_name(smollm2_hf, tmp_path):
+    """Baidu's ERNIE 4.5 checkpoints name the architecture Ernie4_5_ForCausalLM (transformers:
+    Ernie4_5ForCausalLM); llama.cpp's converter takes both."""
+    import json
+
+    tokenizer, overrides = tiny_models.tokenizer_for("ernie4_5", smollm2_hf, tmp_path / "vocab")
+    ckpt = tiny_models.build("ernie4_5", tmp_path / "hf", tokenizer, **overrides)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "architectures": ["Ernie4_5_ForCausalLM"]}))
     assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
 
 
@@ -86,7 +121,8 @@ def assert_converts_like_llama_cpp(checkpoint, out_type, tmp_path):
         assert mine.data.tobytes() == t.data.tobytes(), t.name
 
 
-NEW_FAMILIES = ("phi3", "gemma2", "smollm3", "olmo2", "granite", "qwen3moe", "mixtral")
+NEW_FAMILIES = ("phi3", "gemma2", "smollm3", "olmo2", "granite", "qwen3moe", "mixtral", "olmoe", "glm4", "exaone4",
+                "ernie4_5")
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -141,7 +177,8 @@ def _write_settings(folder, files: dict) -> None:
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
-@pytest.mark.parametrize("family", ["llama-spm", "phi3", "gemma2", "granite", "qwen3moe", "olmo2"])
+@pytest.mark.parametrize("family", ["llama-spm", "phi3", "gemma2", "granite", "qwen3moe", "olmo2", "glm4",
+                                    "ernie4_5"])
 def test_tokenizer_settings_convert_like_llama_cpp(family, setting, smollm2_hf, tmp_path):
     """Each family reads the tokenizer files as its llama.cpp converter does: Llama's family writes
     add_prefix_space as the space prefix, Gemma never adds one, Phi-3 reads added tokens its own
@@ -168,7 +205,7 @@ def test_phi4_bpe_tokenizer_converts_like_llama_cpp(smollm2_hf, tmp_path):
     assert gguf.GGUFReader(tmp_path / "ours.gguf").fields["tokenizer.ggml.model"].contents() == "gpt2"
 
 
-@pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "olmoe", "phi3"])
 def test_expert_and_fused_tensors_get_llama_quantize_types(family, smollm2_hf, tmp_path):
     """The mixtures' per-tensor rules on the converted file's 3-D expert tensors (8 experts: the
     rules' MoE bumps) and fused attn_qkv: the types llama-quantize --dry-run picks."""
@@ -178,8 +215,8 @@ def test_expert_and_fused_tensors_get_llama_quantize_types(family, smollm2_hf, t
     tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
     size = dict(hidden_size=256, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2)
     moe = dict(qwen3moe=dict(num_experts=8, moe_intermediate_size=256, head_dim=32),
-               mixtral=dict(num_local_experts=8)).get(family, {})
-    ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides, **size, **moe)
+               mixtral=dict(num_local_experts=8), olmoe=dict(num_experts=8, num_key_value_heads=8)).get(family, {})
+    ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides, **{**size, **moe})
     f32 = convert(ckpt, tmp_path / "f32.gguf", out_type="F32")
     for mixture in ("Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "Q5_K_S"):
         assert ggufkit_types(f32, mixture) == reference_types(f32, mixture), mixture

@@ -46,24 +46,70 @@ CONFIGS = {
                       norm_topk_prob=True)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(rope_theta=1e6, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)),
+    # llama.cpp's OLMoE takes no grouped-query attention (its k norm spans all query heads)
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(rope_theta=10000.0, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                   intermediate_size=64, pad_token_id=0)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=16, pad_token_id=0)),
+    # without a sliding window: llama.cpp runs one only for the 32B model's 64 layers
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM",
+                dict(sliding_window=None, layer_types=["full_attention"] * 2, pad_token_id=0)),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(head_dim=16, pad_token_id=0)),
+    # the text config of an image-text model (IMAGE_TEXT)
+    "mistral3": ("MistralConfig", "Mistral3ForConditionalGeneration",
+                 dict(rope_theta=1e6, sliding_window=None, head_dim=16)),
+    # Ministral 3: YaRN, and attention scaled up past every original context (8 tokens here)
+    "ministral3": ("Ministral3Config", "Mistral3ForConditionalGeneration",
+                   dict(head_dim=16, sliding_window=None,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=32.0,
+                                             original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
+                                             mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))),
 }
 # The vocabulary each family's tiny checkpoint carries where llama.cpp's converter does not take SmolLM2's
 # for it (one of those llama.cpp ships, see llama_cpp_vocab): Qwen2's BPE for Qwen, Llama 2's
 # SentencePiece for the families whose converter reads only tokenizer.model.
-VOCABS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma2": "llama-spm", "phi3": "llama-spm"}
+VOCABS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma2": "llama-spm", "phi3": "llama-spm",
+          "ernie4_5": "llama-spm"}
+
+
+# GLM-4's converter takes special tokens from GLM's own added tokens: SmolLM2's vocabulary with them appended.
+ADDED_TOKENS = {"glm4": ("<|user|>",)}
 
 
 def tokenizer_for(family: str, smollm2_hf: Path, folder: Path) -> tuple[Path, dict]:
     """The tokenizer folder for a family's tiny checkpoint, and the config overrides it needs
     (its vocabulary size)."""
+    if family in ADDED_TOKENS:
+        return with_added_tokens(smollm2_hf, folder, ADDED_TOKENS[family])
     if family not in VOCABS:
         return smollm2_hf, {}
     kv = llama_cpp_vocab(VOCABS[family], folder)
     return folder, {"vocab_size": len(kv["tokenizer.ggml.tokens"])}
 
 
+def with_added_tokens(src: Path, folder: Path, texts: tuple[str, ...]) -> tuple[Path, dict]:
+    """`src`'s tokenizer files in `folder`, with special tokens appended past its vocabulary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, folder / name)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    n = 1 + max(*tj["model"]["vocab"].values(), *(a["id"] for a in tj["added_tokens"]))
+    tj["added_tokens"] += [{"id": n + i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for i, text in enumerate(texts)]
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    return folder, {"vocab_size": n + len(texts)}
+
+
 # not in CONFIGS: transformers' generate() needs pixel inputs for it; tested against llama.cpp's converter
 GEMMA3_MULTIMODAL = ("Gemma3TextConfig", "Gemma3ForConditionalGeneration", CONFIGS["gemma3"][2])
+# Image-text families: their text config (above) goes inside this wrapper config, with these settings
+# and a minimal vision tower. Mistral's keep an lm_head, as the released checkpoints do.
+MISTRAL3 = ("Mistral3Config", dict(spatial_merge_size=2, tie_word_embeddings=False))
+IMAGE_TEXT = {"gemma3-multimodal": ("Gemma3Config", dict(mm_tokens_per_image=4)), "mistral3": MISTRAL3,
+              "ministral3": MISTRAL3}
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+              patch_size=8)
 
 
 def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
@@ -73,12 +119,9 @@ def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: 
 
     cfg_cls, model_cls, extra = GEMMA3_MULTIMODAL if family == "gemma3-multimodal" else CONFIGS[family]
     config = getattr(transformers, cfg_cls)(**{**_COMMON, **extra, **overrides})
-    if family == "gemma3-multimodal":
-        # the text model above inside Gemma 3's image-text wrapper, with a minimal vision tower
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=32, patch_size=8)
-        config = transformers.Gemma3Config(text_config=config.to_dict(), vision_config=vision,
-                                           mm_tokens_per_image=4)
+    if family in IMAGE_TEXT:
+        wrapper, settings = IMAGE_TEXT[family]
+        config = getattr(transformers, wrapper)(text_config=config.to_dict(), vision_config=VISION, **settings)
     config.architectures = [model_cls]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)

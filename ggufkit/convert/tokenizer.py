@@ -228,7 +228,7 @@ def _apply_added_tokens(root: Path, tokens: list, scores: list, types: list, ver
                 tokens[i], scores[i], types[i] = text, -1000.0, gguf.TokenType.USER_DEFINED
     entries = list(_read_json(root / "tokenizer_config.json").get("added_tokens_decoder", {}).items())
     if verbatim:
-        entries += [(a["id"], a) for a in _read_json(root / "tokenizer.json").get("added_tokens", [])]
+        entries += [(a["id"], a) for a in tokenizer_json(root).get("added_tokens", [])]
     for sid, entry in entries:
         i = int(sid)
         if i >= len(tokens):
@@ -256,6 +256,10 @@ def _read_json(path: Path) -> dict:
 
 def tokenizer_config(root: Path) -> dict:
     return _read_json(root / "tokenizer_config.json")
+
+
+def tokenizer_json(root: Path) -> dict:
+    return _read_json(root / "tokenizer.json")
 
 
 def load_vocab(root: Path, vocab_size: int, kinds=("sentencepiece", "bpe"),

@@ -2,11 +2,13 @@
 converter writes for all text models, the tensor name map (from gguf), the llama-style tensor list
 used to check a checkpoint against its config (with the variations families declare: fused q/k/v or
 gate/up projections, q/k norms, extra norms, mixture-of-experts layers), how per-expert tensors
-merge into llama.cpp's 3-D ffn_*_exps tensors, and which tokenizer files a family reads. Families
-override only what differs."""
+merge into llama.cpp's 3-D ffn_*_exps tensors, Llama 3.1's RoPE scaling as a rope_freqs tensor, the
+text model of image-text checkpoints, and which tokenizer files a family reads. Families override
+only what differs."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Iterable
 import gguf
 import numpy as np
 
-from ggufkit.convert.tokenizer import Vocab, load_vocab
+from ggufkit.convert.tokenizer import Vocab, load_vocab, tokenizer_config
 
 FAMILIES: dict[str, type["Family"]] = {}
 
@@ -40,6 +42,26 @@ class Experts:
     up: str
     down: str
     ff_key: str  # the config key of one expert's hidden size
+    count_key: str = "num_experts"  # the config key of the number of experts (Mixtral: num_local_experts)
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1's 'llama3' rope scaling (what llama.cpp reads as rope_freqs),
+    in float32 step by step as llama.cpp's converter computes them in torch, so the bytes match: torch
+    divides a number by a tensor as the tensor's reciprocal times the number, and its float32 powers
+    are float64 ones rounded (numpy's float32 ones are an ulp off for most bases and head sizes; torch's
+    own can be too, rarely)."""
+    f32 = np.float32
+    base = rope.get("rope_theta", 10000.0)
+    exponents = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
+    freqs = f32(1) / (base ** exponents.astype(np.float64)).astype(f32)
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    wavelen = f32(1) / freqs * f32(2 * math.pi)
+    smooth = (f32(1) / wavelen * f32(old_ctx) - f32(low)) / f32(high - low)
+    mid = f32(1) / ((f32(1) - smooth) / f32(factor) + smooth)
+    return np.where(wavelen < old_ctx / high, f32(1), np.where(wavelen > old_ctx / low, f32(factor), mid)).astype(f32)
 
 
 EXPERT = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<e>\d+)\.(?P<proj>[^.]+)\.weight$")
@@ -56,8 +78,10 @@ class Family:
     # the per-layer norms, in the checkpoint's names (Gemma's sandwich adds pre/post-FFN norms)
     layer_norms = ("input_layernorm", "post_attention_layernorm")
     experts: Experts | None = None  # mixture-of-experts layers (Qwen3-MoE, Mixtral)
+    llama3_rope_freqs = False  # 'llama3' RoPE scaling written as a rope_freqs tensor (Llama's family, EXAONE 4)
     # tokenizer files the family reads, in llama.cpp's converter's order of preference
     tokenizers = ("sentencepiece", "bpe")
+    reads_add_prefix_space = False  # tokenizer_config.json's add_prefix_space as the space prefix (Llama, ERNIE)
 
     def __init__(self, config: dict):
         # Multimodal wrappers keep the language model's settings under text_config.
@@ -82,11 +106,14 @@ class Family:
     # --- hyper-parameters -------------------------------------------------------------------
     @property
     def rope(self) -> dict:
+        """The RoPE parameters, with the settings older configs keep at the top level mirrored in
+        (as llama.cpp's converter reads them)."""
         c = self.config
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         rope = rope.get("full_attention", rope)
-        if "rope_theta" not in rope and "rope_theta" in c:
-            rope["rope_theta"] = c["rope_theta"]
+        for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):
+            if key not in rope and key in c:
+                rope[key] = c[key]
         if "rope_type" not in rope and "type" in rope:
             rope["rope_type"] = rope["type"]
         return rope
@@ -121,6 +148,13 @@ class Family:
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(rope["factor"])
             w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            attn_factor = rope.get("attention_factor", rope.get("attn_factor"))
+            for value, add in ((rope.get("extrapolation_factor"), w.add_rope_scaling_yarn_ext_factor),
+                               (attn_factor, w.add_rope_scaling_yarn_attn_factor),
+                               (rope.get("beta_fast"), w.add_rope_scaling_yarn_beta_fast),
+                               (rope.get("beta_slow"), w.add_rope_scaling_yarn_beta_slow)):
+                if value is not None:
+                    add(value)
         if rope.get("rope_theta") is not None:
             w.add_rope_freq_base(rope["rope_theta"])
         if (swa_theta := self.swa_rope_theta) is not None:
@@ -228,7 +262,9 @@ class Family:
         return x
 
     def extra_tensors(self) -> Iterable[tuple[str, np.ndarray]]:
-        return ()
+        if self.llama3_rope_freqs and self.rope.get("rope_type", "").lower() == "llama3":
+            name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+            yield name, llama3_rope_factors(self.rope, self.head_dim)
 
     # --- tokenizer ------------------------------------------------------------------------------
     verbatim_added_tokens = False  # Phi-3's converter reads added tokens its own way (see load_sentencepiece)
@@ -243,8 +279,13 @@ class Family:
     def tokenizer_settings(self, root: Path, vocab: Vocab) -> None:
         """What the family's converter writes beyond the common reading (Llama: add_prefix_space from
         tokenizer_config.json; Gemma: no space prefix)."""
+        if self.reads_add_prefix_space and (prefix := tokenizer_config(root).get("add_prefix_space")) is not None:
+            vocab.add_space_prefix = prefix
 
     # --- export-hf: GGUF metadata -> config.json ----------------------------------------------
+    # head_dim written even where it is d / heads: the family's transformers config defaults it to another size
+    export_head_dim = False
+
     def hf_architecture(self) -> str:
         return self.architectures[0]
 
@@ -269,6 +310,27 @@ class Family:
             "hidden_act": "silu",
             "torch_dtype": "float32",
         }
-        if (kl := kv.get(f"{a}.attention.key_length")) is not None and kl != d // n_head:
+        if (kl := kv.get(f"{a}.attention.key_length")) is not None and (cls.export_head_dim or kl != d // n_head):
             cfg["head_dim"] = kl
+        if cls.experts is not None:
+            cfg.update({cls.experts.count_key: kv[f"{a}.expert_count"],
+                        "num_experts_per_tok": kv[f"{a}.expert_used_count"]})
         return cfg
+
+
+class ImageTextModel:
+    """Image-text checkpoints (Gemma 3 4B/12B/27B, Mistral Small 3.1): the text model, as llama.cpp
+    converts it (the vision tower and projector belong in a separate mmproj file). Its tensors sit
+    under language_model.model. (the original releases) or model.language_model. (later transformers)."""
+
+    PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                "language_model.lm_head.": "lm_head."}
+    OTHER_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+    def checkpoint_name(self, name: str) -> str | None:
+        if name.startswith(self.OTHER_PARTS):
+            return None
+        for prefix, text in self.PREFIXES.items():
+            if name.startswith(prefix):
+                return text + name[len(prefix):]
+        return name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gguf
 
-from ggufkit.convert.families.base import Family, register
+from ggufkit.convert.families.base import Family, ImageTextModel, register
 from ggufkit.convert.families.gemma2 import GEMMA_NORMS, GemmaNorms
 
 
@@ -42,19 +42,5 @@ class Gemma3(GemmaNorms, Family):
 
 
 @register("Gemma3ForConditionalGeneration")
-class Gemma3Multimodal(Gemma3):
-    """Gemma 3's image-text checkpoints (4B, 12B, 27B): the text model, as llama.cpp converts it (the
-    vision tower and projector belong in a separate mmproj file). Its tensors sit under
-    language_model.model. (Google's release) or model.language_model. (later transformers)."""
-
-    PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
-                "language_model.lm_head.": "lm_head."}
-    OTHER_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
-
-    def checkpoint_name(self, name: str) -> str | None:
-        if name.startswith(self.OTHER_PARTS):
-            return None
-        for prefix, text in self.PREFIXES.items():
-            if name.startswith(prefix):
-                return text + name[len(prefix):]
-        return name
+class Gemma3Multimodal(ImageTextModel, Gemma3):
+    """Gemma 3's image-text checkpoints (4B, 12B, 27B)."""

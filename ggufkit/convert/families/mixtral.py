@@ -12,15 +12,9 @@ from ggufkit.convert.families.llama import Llama
 class Mixtral(Llama):
     hf_model_type = "mixtral"
     derived_head_dim = False  # transformers' MixtralConfig leaves head_dim None
-    experts = Experts("block_sparse_moe", "w1", "w3", "w2", ff_key="intermediate_size")
+    experts = Experts("block_sparse_moe", "w1", "w3", "w2", ff_key="intermediate_size",
+                      count_key="num_local_experts")
 
     @classmethod
     def reads_gguf(cls, kv: dict) -> bool:
         return f"{cls.arch_name()}.expert_count" in kv
-
-    @classmethod
-    def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
-        a = cls.arch_name()
-        cfg = super().config_from_gguf(kv, n_vocab, tied)
-        cfg.update(num_local_experts=kv[f"{a}.expert_count"], num_experts_per_tok=kv[f"{a}.expert_used_count"])
-        return cfg

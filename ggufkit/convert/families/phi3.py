@@ -30,15 +30,6 @@ class Phi3(Family):
         return super().load_vocab(root)
 
     @property
-    def rope(self) -> dict:
-        rope = super().rope
-        if "original_max_position_embeddings" not in rope and "original_max_position_embeddings" in self.config:
-            rope["original_max_position_embeddings"] = self.config["original_max_position_embeddings"]
-        if "partial_rotary_factor" not in rope and "partial_rotary_factor" in self.config:
-            rope["partial_rotary_factor"] = self.config["partial_rotary_factor"]
-        return rope
-
-    @property
     def rope_dims(self) -> int:
         c = self.config
         return int(self.rope.get("partial_rotary_factor", 1.0) * c["hidden_size"]) // c["num_attention_heads"]

@@ -15,6 +15,7 @@ class Qwen3Moe(Family):
     hf_model_type = "qwen3_moe"
     qk_norm = "head"
     experts = Experts("mlp", "gate_proj", "up_proj", "down_proj", ff_key="moe_intermediate_size")
+    export_head_dim = True
 
     def __init__(self, config: dict):
         super().__init__(config)
@@ -33,8 +34,6 @@ class Qwen3Moe(Family):
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
         a = cls.arch_name()
         cfg = super().config_from_gguf(kv, n_vocab, tied)
-        cfg.update(head_dim=kv[f"{a}.attention.key_length"], num_experts=kv[f"{a}.expert_count"],
-                   num_experts_per_tok=kv[f"{a}.expert_used_count"], norm_topk_prob=True,
-                   moe_intermediate_size=kv[f"{a}.expert_feed_forward_length"],
+        cfg.update(norm_topk_prob=True, moe_intermediate_size=kv[f"{a}.expert_feed_forward_length"],
                    decoder_sparse_step=1, mlp_only_layers=[])
         return cfg
