@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # its own and, without cycles, from its own layer.
 LAYERS = (
     ("ggufkit", "errors", "progress", "gguffile", "kquants", "models"),  # "ggufkit": the package's __init__
-    ("mixtures", "budget"),
+    ("mixtures", "budget", "gptq"),
     ("convert", "runtime"),
     ("commands",),
     ("cli", "__main__"),

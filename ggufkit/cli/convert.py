@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ggufkit.cli.quantize import add_budget_arguments
+from ggufkit.cli.quantize import add_budget_arguments, add_method_argument
 from ggufkit.commands.convert import DEFAULT_CALIBRATION_CHUNKS
 from ggufkit.gguffile.split import parse_size
 
@@ -19,7 +19,7 @@ def cmd_convert(args) -> int:
                           n_gpu_layers=args.n_gpu_layers, threads=args.threads, force=args.force,
                           allow_nonfinite=args.allow_nonfinite, qat=args.qat == "auto",
                           split_max_size=parse_size(args.split_max_size) if args.split_max_size else 0,
-                          allow_missing=args.allow_missing, target=target))
+                          allow_missing=args.allow_missing, target=target, method=args.method))
     return 0
 
 
@@ -66,6 +66,7 @@ def register(sub) -> None:
     p.add_argument("--calibration-chunks", type=int, metavar="N", default=DEFAULT_CALIBRATION_CHUNKS,
                    help=f"use at most N windows of the text (default {DEFAULT_CALIBRATION_CHUNKS}: more did not "
                    "lower the KL divergence in benchmarks.calibration_curve; 0: the whole text)")
+    add_method_argument(p, "--calibration (or an --imatrix with Hessians)")
     p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
                    help="layers offloaded while measuring the imatrix (-1: all)")
     p.add_argument("-t", "--threads", type=int, metavar="N", help="threads for the calibration run, and quantizing workers (default: all cores)")

@@ -14,7 +14,7 @@ def cmd_quantize(args) -> int:
                            output_tensor_type=args.output_tensor_type,
                            token_embedding_type=args.token_embedding_type, pure=args.pure,
                            allow_requantize=args.allow_requantize, allow_missing=args.allow_missing, force=args.force,
-                           target=target)
+                           target=target, method=args.method)
     print(summary(result))
     return 0
 
@@ -24,7 +24,7 @@ def cmd_imatrix(args) -> int:
 
     run = imatrix(args.model, args.text, args.output, ctx=args.ctx, chunks=args.chunks,
                   process_output=args.process_output, n_gpu_layers=args.n_gpu_layers, threads=args.threads,
-                  force=args.force)
+                  force=args.force, hessians=args.hessian)
     print(f"{run.path}: {run.entries} entries from {run.chunks} chunks ({run.tokens} tokens) "
           f"in {run.seconds:.1f} s ({run.tokens / max(run.seconds, 1e-9):.0f} tokens/s)")
     return 0
@@ -41,6 +41,17 @@ def add_budget_arguments(p) -> None:
     g.add_argument("--target-bpw", metavar="BITS", help="largest tensor data in bits per weight, e.g. 4.5")
     g.add_argument("--match-size", nargs="?", const="", metavar="MIXTURE", help="no larger than the file llama.cpp's "
                    "MIXTURE (default: TYPE) makes from the same input")
+
+
+def add_method_argument(p, what: str) -> None:
+    """--method, shared by quantize and convert."""
+    from ggufkit.gptq import DEFAULT_METHOD, METHODS
+
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                   help=f"how {what} is used (default: {DEFAULT_METHOD}): gptq quantizes each weight a block of "
+                   "columns at a time and pushes the rounding error onto the columns not yet quantized, "
+                   "through the input Hessians (same types and size, lower KL divergence); ggml writes "
+                   "llama-quantize's bytes")
 
 
 def register(sub) -> None:
@@ -60,7 +71,9 @@ def register(sub) -> None:
     p.add_argument("output", metavar="OUT.gguf")
     p.add_argument("type", metavar="TYPE", help=f"mixture: {', '.join(MIXTURES)}")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (GGUF from `ggufkit imatrix` or "
-                   "llama-imatrix, or a legacy .dat)")
+                   "llama-imatrix, or a legacy .dat); from `ggufkit imatrix --hessian` it also carries the "
+                   "input Hessians that --method gptq uses")
+    add_method_argument(p, "an imatrix with Hessians")
     p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="type for tensors whose name matches REGEX (first match wins; repeatable)")
     p.add_argument("--output-tensor-type", metavar="TYPE", help="type for output.weight")
@@ -88,6 +101,8 @@ def register(sub) -> None:
     p.add_argument("--ctx", "-c", type=int, default=512, help="tokens per chunk (default: 512)")
     p.add_argument("--chunks", type=int, default=None, help="chunks to process (default: the whole text)")
     p.add_argument("--process-output", action="store_true", help="also collect output.weight")
+    p.add_argument("--hessian", action="store_true", help="also collect each layer input's Hessian (sum of x x^T) "
+                   "for `ggufkit quantize --method gptq`; llama-quantize still reads the file as a plain imatrix")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=0, help="layers to offload, -1 for all")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")

@@ -13,6 +13,7 @@ from ggufkit.budget import describe
 from ggufkit.convert.checkpoint import open_checkpoint
 from ggufkit.convert.pipeline import MIXTURE_TYPES, convert
 from ggufkit.errors import GgufkitError
+from ggufkit.gptq import DEFAULT_METHOD, check_method
 from ggufkit.gguffile.writer import refuse_overwrite
 from ggufkit.runtime.imatrix import collect
 from ggufkit.runtime.inspect import type_table
@@ -39,11 +40,13 @@ DEFAULT_CALIBRATION_CHUNKS = 16
 
 def convert_calibrated(src, out, out_type: str, texts=(), ctx: int = 512, chunks: int | None = DEFAULT_CALIBRATION_CHUNKS,
                        n_gpu_layers: int = 0, threads: int | None = None, force: bool = False,
-                       **convert_kwargs) -> Path:
+                       method: str = DEFAULT_METHOD, **convert_kwargs) -> Path:
     """Convert `src` to the mixture `out_type` with an importance matrix measured on `texts` (paths;
-    default: the shipped calibration text). Other keyword arguments go to `convert`."""
+    default: the shipped calibration text), rounded by `method` (METHODS). Other keyword arguments
+    go to `convert`."""
     out = Path(out)
     out_type = out_type.upper()
+    check_method(method)
     if out_type not in MIXTURE_TYPES:
         raise GgufkitError(f"--calibration applies to llama.cpp's mixtures ({', '.join(MIXTURE_TYPES)}), "
                            f"not to --type {out_type}")
@@ -53,15 +56,16 @@ def convert_calibrated(src, out, out_type: str, texts=(), ctx: int = 512, chunks
     with tempfile.TemporaryDirectory(prefix=".ggufkit-calibrate-", dir=out.parent) as tmp:
         base = convert(src, Path(tmp) / "model.gguf", out_type=lossless_type(src),
                        allow_nonfinite=convert_kwargs.get("allow_nonfinite", False))
-        imatrix = collect(base, texts, ctx=ctx, chunks=chunks or None, n_gpu_layers=n_gpu_layers, threads=threads)
+        imatrix = collect(base, texts, ctx=ctx, chunks=chunks or None, n_gpu_layers=n_gpu_layers, threads=threads,
+                          hessians=method == "gptq")
         # the model's quantize.imatrix.dataset names the text, not where it lay on this machine
         imatrix.datasets = [t.name for t in texts]
-        return convert(src, out, out_type=out_type, force=force, imatrix=imatrix, **convert_kwargs)
+        return convert(src, out, out_type=out_type, force=force, imatrix=imatrix, method=method, **convert_kwargs)
 
 
 def convert_command(src, out, out_type: str = "F16", calibration=None, imatrix=None, calibration_ctx: int = 512,
                     calibration_chunks: int | None = DEFAULT_CALIBRATION_CHUNKS, n_gpu_layers: int = 0, threads: int | None = None,
-                    **convert_kwargs) -> Path:
+                    method: str = DEFAULT_METHOD, **convert_kwargs) -> Path:
     """What `ggufkit convert` does: `convert`, or `convert_calibrated` when `calibration` is a list
     of texts (empty: the shipped one); the --qat report, a budget's choices (`target`) and a mixture's
     type table go to stderr. Other keyword arguments go to `convert`."""
@@ -72,12 +76,13 @@ def convert_command(src, out, out_type: str = "F16", calibration=None, imatrix=N
         raise GgufkitError("give --imatrix or --calibration, not both")
     if calibration is not None:
         out = convert_calibrated(src, out, out_type, calibration, ctx=calibration_ctx, chunks=calibration_chunks,
-                                 n_gpu_layers=n_gpu_layers, threads=threads, report=report, **convert_kwargs)
+                                 n_gpu_layers=n_gpu_layers, threads=threads, report=report, method=method,
+                                 **convert_kwargs)
     else:
         if out_type in MIXTURE_TYPES and imatrix is None:
             print(f"ggufkit: quantizing to {out_type} without an importance matrix "
                   "(--calibration [TEXT...] or --imatrix FILE give better quality)", file=sys.stderr)
-        out = convert(src, out, out_type=out_type, imatrix=imatrix, report=report, **convert_kwargs)
+        out = convert(src, out, out_type=out_type, imatrix=imatrix, report=report, method=method, **convert_kwargs)
     if report:
         exact = sum(r.exact for r in report)
         print(f"--qat: {exact}/{len(report)} tensors on the grid, written exactly", file=sys.stderr)

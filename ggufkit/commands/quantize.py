@@ -20,6 +20,7 @@ from ggufkit.gguffile.imatrix import Imatrix, add_provenance, read_imatrix, weig
 from ggufkit.gguffile.reader import GgufHeader, TensorInfo, read_header, tensor_data
 from ggufkit.gguffile.split import SPLIT_KEYS
 from ggufkit.gguffile.writer import TensorOut, copy_metadata, data_offset, refuse_overwrite, write_gguf
+from ggufkit.gptq import DEFAULT_METHOD, ModelFeedback, check_method, model_feedback
 from ggufkit.kquants import dequantize, encode, supported_types
 from ggufkit.mixtures import (FLOAT_TYPES, MIXTURES, Options, TensorMeta, choose_types, llama_order, model_info,
                               parse_override, parse_qtype, requires_imatrix)
@@ -48,10 +49,12 @@ def tensor_metas(header: GgufHeader) -> list[TensorMeta]:
 def quantize_gguf(src, out, mixture: str, imatrix=None, tensor_types=(), output_tensor_type=None,
                   token_embedding_type=None, pure: bool = False, allow_requantize: bool = False,
                   allow_missing: bool = False, force: bool = False,
-                  target: budget.Target | None = None) -> QuantizeResult:
+                  target: budget.Target | None = None, method: str = DEFAULT_METHOD) -> QuantizeResult:
     """Quantize `src` to `out` as llama-quantize would for `mixture` (Q4_K_M, Q8_0, ...).
     `imatrix`: a path (GGUF or legacy .dat); `tensor_types`: (regex, type) overrides; `target`: a
-    byte budget (budget.parse_target) the types are chosen to meet, from the mixture's rules."""
+    byte budget (budget.parse_target) the types are chosen to meet, from the mixture's rules;
+    `method`: how the imatrix is used (gptq.METHODS): with "gptq", error feedback where it carries
+    input Hessians (`ggufkit imatrix --hessian`); "ggml" or a plain imatrix: llama-quantize's bytes."""
     src, out = Path(src), Path(out)
     mixture = mixture.upper()
     if mixture not in MIXTURES:
@@ -62,6 +65,7 @@ def quantize_gguf(src, out, mixture: str, imatrix=None, tensor_types=(), output_
                                                                          "--token-embedding-type"),
                    pure)
     refuse_overwrite(out, force)
+    check_method(method)
     if out.exists() and out.resolve() == src.resolve():
         raise GgufkitError("input and output are the same file", out)
     if target is not None and pure:
@@ -81,7 +85,8 @@ def quantize_gguf(src, out, mixture: str, imatrix=None, tensor_types=(), output_
     _check_plan(src, mixture, metas, types, todo, imat is not None, allow_requantize)
     weights, without = ({}, []) if imat is None else weights_for(
         imat, {n: metas[n].ne for n in todo if types[n] not in FLOAT_TYPES}, imatrix, allow_missing)
-    path = _write(header, out, mixture, types, weights, imat, imatrix)
+    feedback = model_feedback(imat, method)
+    path = _write(header, out, mixture, types, weights, imat, imatrix, feedback)
     return QuantizeResult(path, mixture, types, sum(t.n_bytes for t in header.tensors), without, chosen)
 
 
@@ -142,14 +147,19 @@ def _float_rows(header: GgufHeader, t: TensorInfo):
             yield expert, rows.view(np.float32) if t.type == Q.F32 else dequantize(rows, t.type)
 
 
-def _encoded(header: GgufHeader, t: TensorInfo, new: Q, weights: np.ndarray | None):
+def _encoded(header: GgufHeader, t: TensorInfo, new: Q, weights: np.ndarray | None, feedback: ModelFeedback | None):
     cols = t.shape[0]
+    fb = None if feedback is None or new in FLOAT_TYPES or len(t.shape) != 2 else feedback.for_weight(t.name, new)
     for expert, rows in _float_rows(header, t):
+        if fb is not None:
+            yield fb.quantize(rows, new)
+            continue
         imat = None if weights is None or new in FLOAT_TYPES else weights[expert * cols:(expert + 1) * cols]
         yield encode(rows, new, imat)
 
 
-def _tensors_out(header: GgufHeader, types: dict[str, Q], weights: dict[str, np.ndarray]) -> list[TensorOut]:
+def _tensors_out(header: GgufHeader, types: dict[str, Q], weights: dict[str, np.ndarray],
+                 feedback: ModelFeedback | None = None) -> list[TensorOut]:
     """The output's tensors in llama-quantize's order, their data made as the writer asks for it."""
     tensors = []
     for t in llama_order(header.tensors):
@@ -157,7 +167,7 @@ def _tensors_out(header: GgufHeader, types: dict[str, Q], weights: dict[str, np.
         if new == t.type:  # nothing to do: copied as stored
             data = [np.asarray(tensor_data(header, t)).reshape(-1)]
         else:
-            data = _encoded(header, t, new, weights.get(t.name))
+            data = _encoded(header, t, new, weights.get(t.name), feedback)
         tensors.append(TensorOut(t.name, tuple(reversed(t.shape)), new, data))
     return tensors
 
@@ -167,8 +177,8 @@ def _metadata(header: GgufHeader, mixture: str, imat: Imatrix | None, imatrix_pa
 
 
 def _write(header: GgufHeader, out: Path, mixture: str, types: dict[str, Q], weights: dict[str, np.ndarray],
-           imat: Imatrix | None, imatrix_path) -> Path:
-    return write_gguf(out, header.architecture, _tensors_out(header, types, weights),
+           imat: Imatrix | None, imatrix_path, feedback: ModelFeedback | None) -> Path:
+    return write_gguf(out, header.architecture, _tensors_out(header, types, weights, feedback),
                       _metadata(header, mixture, imat, imatrix_path), desc=f"quantize {mixture}")[0]
 
 

@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -18,6 +19,7 @@ from ggufkit.convert.prequantized import GRIDS, fit_grid
 from ggufkit.errors import GgufkitError
 from ggufkit.gguffile.imatrix import add_provenance, read_imatrix, weights_for
 from ggufkit.gguffile.writer import TensorOut, data_offset, refuse_overwrite, write_gguf, written_metadata
+from ggufkit.gptq import DEFAULT_METHOD, ModelFeedback, check_method, model_feedback
 from ggufkit.kquants import dequantize, encode
 from ggufkit.mixtures import FLOAT_TYPES, MIXTURES, TensorMeta, choose_types, fallback, model_info, requires_imatrix
 from ggufkit.progress import bar
@@ -96,7 +98,9 @@ def plan(ckpt: Checkpoint, fam: Family, out_type: str, n_vocab: int, has_imatrix
         shape = expected[hf_name] if len(sources) == 1 else (len(sources), *expected[hf_name])
         if name == "token_embd.weight" and shape[0] > n_vocab:  # padding rows past the tokenizer
             shape = (n_vocab, *shape[1:])
-        if out_type == "AUTO":
+        if (stored := ckpt.stored_type(hf_name)) is not None and out_type not in MIXTURE_TYPES:
+            qtype = stored  # llama.cpp's converter writes MXFP4 experts as they are, whatever --outtype
+        elif out_type == "AUTO":
             qtype = tensor_type(name, shape, auto_tensor_type(ckpt, fam, hf_name))
         else:
             qtype = tensor_type(name, shape, CONVERTER_TYPES.get(out_type, (Q.F32,))[0])
@@ -183,12 +187,14 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, fam: Family, file_type:
 
 def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinite: bool = False,
             split_max_size: int = 0, qat: bool = True, report: list | None = None, imatrix=None,
-            allow_missing: bool = False, target: budget.Target | None = None, plans: list | None = None) -> Path:
+            allow_missing: bool = False, target: budget.Target | None = None, plans: list | None = None,
+            method: str = DEFAULT_METHOD) -> Path:
     """Convert a checkpoint to `out_type` (see OUT_TYPES). With a block type and `qat`, tensors already
     on its grid keep their exact codes (one GridReport per such tensor is appended to `report`).
     `imatrix`: a path, or an `Imatrix` (then recorded as measured by convert --calibration).
     `target`: a byte budget for a mixture (budget.parse_target): the types are chosen to meet it,
-    starting from the mixture's rules; its `budget.Plan` is appended to `plans`."""
+    starting from the mixture's rules; its `budget.Plan` is appended to `plans`. `method`: how the
+    imatrix is used (gptq.METHODS): with "gptq", error feedback where it carries input Hessians."""
     out = Path(out)
     out_type = out_type.upper()
     if out_type not in OUT_TYPES:
@@ -202,11 +208,12 @@ def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinit
     if target is not None and split_max_size:
         raise GgufkitError(f"{target} sizes one file; it cannot be combined with --split-max-size")
     refuse_overwrite(out, force)
+    check_method(method)
     report = [] if report is None else report
     imat = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     ckpt = open_checkpoint(src)
     fam = family_for(ckpt.config, ckpt.root / "config.json")
-    ckpt.rename(fam.checkpoint_name)
+    fam.prepare(ckpt)
     vocab = fam.load_vocab(ckpt.root)
     tensors = plan(ckpt, fam, out_type, len(vocab.tokens), has_imatrix=imat is not None, qat=qat)
 
@@ -230,8 +237,10 @@ def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinit
             print(f"ggufkit: {len(without)} tensors quantized without importance data (--allow-missing): "
                   f"{', '.join(without[:5])}{' ...' if len(without) > 5 else ''}", file=sys.stderr)
 
+    feedback = model_feedback(imat, method)
     data = [TensorOut(t.gguf_name, t.shape, t.qtype,
-                      _encoded(ckpt, fam, t, allow_nonfinite, weights.get(t.gguf_name), qat, report))
+                      _encoded(ckpt, fam, t, allow_nonfinite, _encoder(t, weights.get(t.gguf_name), feedback),
+                               qat, report))
             for t in tensors]
     return write_gguf(out, fam.arch_name(), data, metadata, split_max_size, desc="convert")[0]
 
@@ -266,6 +275,8 @@ CALIBRATED = "ggufkit convert --calibration"
 
 def _file_type(out_type: str, tensors: list[PlannedTensor]) -> int:
     if out_type in CONVERTER_TYPES:
+        if out_type != "Q8_0" and any(t.qtype == Q.MXFP4 for t in tensors):  # as llama.cpp's converter names it
+            return F.MOSTLY_MXFP4_MOE
         return CONVERTER_TYPES[out_type][1]
     if out_type in MIXTURE_TYPES:
         return MIXTURES[out_type][0]
@@ -274,21 +285,36 @@ def _file_type(out_type: str, tensors: list[PlannedTensor]) -> int:
     return AUTO_FILE_TYPES[counts.most_common(1)[0][0]]
 
 
-def _encoded(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: bool, imatrix: np.ndarray | None,
+Encoder = Callable[[int, np.ndarray], np.ndarray]  # (expert, rows) -> the rows' GGUF bytes
+
+
+def _encoder(t: PlannedTensor, imatrix: np.ndarray | None, feedback: ModelFeedback | None) -> Encoder:
+    """How the tensor's rows become bytes: with error feedback where its input's H is known (and the
+    type is a block type), else ggml's rounding with the importance weights."""
+    fb = None if feedback is None or t.qtype in FLOAT_TYPES or len(t.shape) != 2 else feedback.for_weight(t.gguf_name,
+                                                                                                          t.qtype)
+    if fb is not None:
+        return lambda expert, x: fb.quantize(x.reshape(-1, x.shape[-1]), t.qtype).reshape(*x.shape[:-1], -1)
+    return lambda expert, x: encode(x, t.qtype, _expert_weights(imatrix, expert, t.shape[-1]))
+
+
+def _encoded(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: bool, encoder: Encoder,
              qat: bool, report: list):
     """The tensor's bytes, a chunk at a time: exact grid codes with `qat` where they fit (reported),
     else quantized."""
     chunks = lambda: _chunks(ckpt, fam, t, allow_nonfinite)  # noqa: E731
-    if qat and t.qtype in GRIDS and t.hf_name is not None:
-        data, row = _grid_or_quantize(chunks, t, ckpt.tensors[t.hf_name].dtype, imatrix)
+    if t.hf_name is not None and ckpt.stored_type(t.hf_name) == t.qtype:  # the checkpoint's own bytes
+        yield from (ckpt.get_stored(source) for source in t.sources)
+    elif qat and t.qtype in GRIDS and t.hf_name is not None:
+        data, row = _grid_or_quantize(chunks, t, ckpt.tensors[t.hf_name].dtype, encoder)
         report.append(row)
         yield from data
     else:
         for expert, x in chunks():
-            yield encode(x, t.qtype, _expert_weights(imatrix, expert, t.shape[-1]))
+            yield encoder(expert, x)
 
 
-def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, imatrix: np.ndarray | None):
+def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, encoder: Encoder):
     """Exact grid codes when every block of the tensor fits, else ggml-style quantization; both
     with the tensor's max error against the checkpoint."""
     fitted = []
@@ -305,7 +331,7 @@ def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, imatrix: np.n
 
     def quantized():
         for expert, x in chunks():
-            q = encode(x, t.qtype, _expert_weights(imatrix, expert, t.shape[-1]))
+            q = encoder(expert, x)
             errors.append(float(np.abs(dequantize(q.reshape(x.shape[0], -1), t.qtype) - x.reshape(x.shape[0], -1)).max()))
             yield q
     data = list(quantized())

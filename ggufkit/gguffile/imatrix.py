@@ -2,6 +2,10 @@
 (per weight `<name>.in_sum2`, the summed squared input activations per column and expert, and
 `<name>.counts`, the tokens seen per expert; `imatrix.*` keys), and the legacy `.dat` format.
 
+A GGUF imatrix may also carry the input Hessians (gguffile.hessian): `<owner>.hessian` tensors and
+the `ggufkit.hessian.*` keys naming which weights share each; llama.cpp's loader reads only the
+`.in_sum2`/`.counts` pairs, so such a file still works in llama-quantize.
+
 What a quantizer uses is the mean squared activation per column: `Imatrix.weights(name)`, matched
 to the tensors about to be quantized by `weights_for`."""
 
@@ -15,11 +19,13 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ggufkit.errors import GgufkitError
+from ggufkit.gguffile.hessian import Hessian
 from ggufkit.gguffile.reader import read_header, tensor_data
 from ggufkit.gguffile.writer import TensorOut, write_gguf
 
 F32 = GGMLQuantizationType.F32
-SUMS, COUNTS = ".in_sum2", ".counts"
+SUMS, COUNTS, HESSIAN = ".in_sum2", ".counts", ".hessian"
+KEY_HESSIAN_WEIGHTS, KEY_HESSIAN_OWNERS = "ggufkit.hessian.weights", "ggufkit.hessian.owners"
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 
 
@@ -37,6 +43,7 @@ class Imatrix:
     chunk_size: int = 0
     # legacy .dat files store sums already divided by the token count and times `ncall` (counts)
     legacy: bool = False
+    hessian: Hessian | None = None  # the input Hessians, where they were collected too
 
     def weights(self, name: str) -> np.ndarray:
         """Mean squared activation per column, experts concatenated: (n_mat * cols,) float32, as
@@ -85,7 +92,28 @@ def _read_gguf(path: Path) -> Imatrix:
         raise GgufkitError(f"tensor {orphans[0]!r} has no matching {SUMS}", path)
     if not entries:
         raise GgufkitError("imatrix has no entries", path)
-    return Imatrix(entries, list(kv[KEY_DATASETS]), int(kv[KEY_CHUNK_COUNT]), int(kv[KEY_CHUNK_SIZE]))
+    return Imatrix(entries, list(kv[KEY_DATASETS]), int(kv[KEY_CHUNK_COUNT]), int(kv[KEY_CHUNK_SIZE]),
+                   hessian=_read_hessian(path, header, tensors, entries))
+
+
+def _read_hessian(path: Path, header, tensors: dict, entries: dict[str, Entry]) -> Hessian | None:
+    kv = header.metadata
+    if KEY_HESSIAN_WEIGHTS not in kv:
+        return None
+    weights, owners = list(kv[KEY_HESSIAN_WEIGHTS]), list(kv.get(KEY_HESSIAN_OWNERS, []))
+    if len(weights) != len(owners):
+        raise GgufkitError(f"{KEY_HESSIAN_WEIGHTS} and {KEY_HESSIAN_OWNERS} differ in length", path)
+    blocks = {}
+    for weight, owner in zip(weights, owners):
+        t = tensors.get(owner + HESSIAN)
+        if t is None or t.type != F32 or len(t.shape) != 3 or t.shape[0] != t.shape[1]:
+            raise GgufkitError(f"Hessian of {weight!r}: no square F32 tensor {owner + HESSIAN!r}", path)
+        cols = t.shape[0] * t.shape[2]
+        if weight not in entries or entries[weight].sums.shape != (1, cols):
+            raise GgufkitError(f"Hessian of {weight!r} has {cols} columns, its imatrix entry does not", path)
+        if owner not in blocks:
+            blocks[owner] = np.array(tensor_data(header, t).view(np.float32)).reshape(tuple(reversed(t.shape)))
+    return Hessian(blocks, dict(zip(weights, owners)))
 
 
 def _read_legacy(path: Path) -> Imatrix:
@@ -176,11 +204,17 @@ def write_imatrix(imatrix: Imatrix, out) -> Path:
         for suffix, data in ((SUMS, sums), (COUNTS, counts)):
             data = data[0] if len(data) == 1 else data
             tensors.append(TensorOut(name + suffix, data.shape, F32, [data]))
+    h = imatrix.hessian
+    if h is not None:
+        tensors += [TensorOut(owner + HESSIAN, blocks.shape, F32, [blocks]) for owner, blocks in sorted(h.blocks.items())]
 
     def metadata(w) -> None:
         w.add_type("imatrix")
         w.add_array(KEY_DATASETS, list(imatrix.datasets))
         w.add_uint32(KEY_CHUNK_COUNT, imatrix.chunk_count)
         w.add_uint32(KEY_CHUNK_SIZE, imatrix.chunk_size)
+        if h is not None:
+            w.add_array(KEY_HESSIAN_WEIGHTS, sorted(h.shares))
+            w.add_array(KEY_HESSIAN_OWNERS, [h.shares[n] for n in sorted(h.shares)])
 
     return write_gguf(out, None, tensors, metadata, desc="imatrix")[0]

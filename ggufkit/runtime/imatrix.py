@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ggufkit.errors import GgufkitError
+from ggufkit.gguffile.hessian import Hessian, hessian_width
 from ggufkit.gguffile.imatrix import Entry, Imatrix, write_imatrix
 from ggufkit.gguffile.writer import refuse_overwrite
 from ggufkit.progress import bar
@@ -69,13 +70,19 @@ def weight_name(raw: bytes) -> str:
 
 class Collector:
     """The cb_eval callback and the running sums: float64 accumulators (llama-imatrix uses float32;
-    ours are the more exact of the two, well within the 1e-3 parity bound)."""
+    ours are the more exact of the two, well within the 1e-3 parity bound). With `hessians`, also
+    H = sum of x x^T per distinct input of a 2-D weight (gguffile.hessian's diagonal blocks)."""
 
-    def __init__(self, process_output: bool):
+    def __init__(self, process_output: bool, hessians: bool = False):
         self.ggml = _ggml()
         self.process_output = process_output
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
+        self.hessians: dict[str, np.ndarray] | None = {} if hessians else None
+        # weight -> the weight whose H it shares (q/k/v read one input, gate/up another): learnt on
+        # the first window from the graph, where such weights multiply the same node
+        self.shares: dict[str, str] = {}
+        self._inputs: dict[int, str] = {}
         self.error: BaseException | None = None
         self._ops: dict[int, str] = {}
         # the graph's last collected weight, learnt on the first window: computing past it is wasted
@@ -139,6 +146,8 @@ class Collector:
             self._collect_experts(t, name, src0, x[0])
         else:
             self._collect_dense(name, src0, x)
+            if self.hessians is not None and src0.ne[2] * src0.ne[3] == 1:
+                self._collect_hessian(name, t.src[1], x.reshape(-1, x.shape[-1]))
         if not np.isfinite(self.sums[name]).all():
             raise GgufkitError(f"non-finite activations in {name}")
         if self._order is not None:
@@ -150,6 +159,7 @@ class Collector:
         """After the first window: stop at its last collected weight from now on, provided each graph
         (one per physical batch) repeats the same sequence and uses that weight once, at its end."""
         order, self._order = self._order, None
+        self._inputs.clear()
         if not order:
             return
         last = order[-1]
@@ -170,6 +180,18 @@ class Collector:
                 sums[(i3 % ne3) * ne2 + i2 % ne2] += sq[i3, i2]
         counts += x.shape[0] * x.shape[1] * x.shape[2] // (ne2 * ne3)
 
+    def _collect_hessian(self, name: str, input_node: int, x: np.ndarray) -> None:
+        if name not in self.shares:  # first window: the first weight reading this node owns its H
+            self.shares[name] = self._inputs.setdefault(input_node, name)
+        if self.shares[name] != name:
+            return
+        cols = x.shape[1]
+        width = hessian_width(cols)
+        if name not in self.hessians:
+            self.hessians[name] = np.zeros((cols // width, width, width), dtype=np.float32)
+        blocks = np.ascontiguousarray(x).reshape(x.shape[0], cols // width, width).transpose(1, 0, 2)
+        self.hessians[name] += np.matmul(blocks.transpose(0, 2, 1), blocks)
+
     def _collect_experts(self, t: GgmlTensor, name: str, src0: GgmlTensor, x: np.ndarray) -> None:
         """x: (n_tokens, n_expert_used or 1, cols); ids (n_tokens, n_expert_used) name each row's expert."""
         ids_t = GgmlTensor.from_address(t.src[2])
@@ -188,6 +210,11 @@ class Collector:
         chunk_count = max((int(c.max()) for c in self.counts.values()), default=0) // chunk_size
         return Imatrix(entries, datasets, chunk_count, chunk_size)
 
+    def hessian(self) -> Hessian | None:
+        if self.hessians is None:
+            return None
+        return Hessian(self.hessians, {n: o for n, o in self.shares.items() if o in self.hessians})
+
 
 @dataclass
 class ImatrixRun:
@@ -200,15 +227,17 @@ class ImatrixRun:
 
 def collect(model, texts, ctx: int = DEFAULT_CTX, chunks: int | None = None, process_output: bool = False,
             n_gpu_layers: int = 0, threads: int | None = None,
-            on_windows: tuple[tuple[int, ...], Callable[[Imatrix], None]] | None = None) -> Imatrix:
-    """The importance matrix of `model` over the concatenated `texts` (paths). `on_windows` =
-    (counts, callback): the callback also gets the matrix of the first n windows for each n in counts
-    (one pass gives a whole curve of calibration sizes)."""
+            on_windows: tuple[tuple[int, ...], Callable[[Imatrix], None]] | None = None,
+            hessians: bool = False) -> Imatrix:
+    """The importance matrix of `model` over the concatenated `texts` (paths), with the input
+    Hessians of its 2-D weights if `hessians`. `on_windows` = (counts, callback): the callback also
+    gets the matrix of the first n windows for each n in counts (one pass gives a whole curve of
+    calibration sizes)."""
     if ctx < MIN_ROWS:
         raise GgufkitError(f"--ctx {ctx} is too small (llama-imatrix ignores batches under {MIN_ROWS} tokens)")
     texts = [Path(t) for t in texts]
     data = b"\n".join(read_text(t) for t in texts)
-    collector = Collector(process_output)
+    collector = Collector(process_output, hessians)
     # one window per batch, in physical batches of llama-imatrix's default 512
     with Session(model, n_ctx=ctx, n_batch=ctx, n_gpu_layers=n_gpu_layers, threads=threads,
                  cb_eval=collector.callback) as s:
@@ -230,17 +259,20 @@ def collect(model, texts, ctx: int = DEFAULT_CTX, chunks: int | None = None, pro
                     on_windows[1](collector.result(ctx, [str(t) for t in texts]))
                 pbar.set_postfix_str(f"{(i + 1) * ctx / (time.perf_counter() - start):.0f} tok/s")
                 pbar.update(1)
-    return collector.result(ctx, [str(t) for t in texts])
+    result = collector.result(ctx, [str(t) for t in texts])
+    result.hessian = collector.hessian()
+    return result
 
 
 def imatrix(model, texts, out="imatrix.gguf", ctx: int = DEFAULT_CTX, chunks: int | None = None,
             process_output: bool = False, n_gpu_layers: int = 0, threads: int | None = None,
-            force: bool = False) -> ImatrixRun:
-    """Collect and write the GGUF imatrix llama-quantize --imatrix reads."""
+            force: bool = False, hessians: bool = False) -> ImatrixRun:
+    """Collect and write the GGUF imatrix llama-quantize --imatrix reads (with `hessians`, carrying
+    the input Hessians for ggufkit's error feedback too)."""
     out = Path(out)
     refuse_overwrite(out, force)
     start = time.perf_counter()
-    result = collect(model, texts, ctx, chunks, process_output, n_gpu_layers, threads)
+    result = collect(model, texts, ctx, chunks, process_output, n_gpu_layers, threads, hessians=hessians)
     path = write_imatrix(result, out)
     return ImatrixRun(path, len(result.entries), result.chunk_count, result.chunk_count * ctx,
                       time.perf_counter() - start)
