@@ -55,9 +55,10 @@ def run_model(name: str, args) -> dict:
         }
         for label, kwargs in files.items():
             path = out / (label.replace(" ", "-").replace("<=", "le").replace("+", "-") + ".gguf")
-            t0 = time.perf_counter()
-            quantize_gguf(f32, path, mixture, imatrix=imatrix_path, force=True, **kwargs)
-            times[label] = time.perf_counter() - t0
+            if kwargs["method"] != "ggml" or not path.exists():  # llama.cpp's bytes do not change
+                t0 = time.perf_counter()
+                quantize_gguf(f32, path, mixture, imatrix=imatrix_path, force=True, **kwargs)
+                times[label] = time.perf_counter() - t0
             rows.append(row(label, path, n_params, score(path, bases, args.threads)))
             print(table(rows, list(rows[0])), flush=True)
     print(f"\n{out.name}: {args.chunks} windows of 512 per text\n{table(rows, list(rows[0]))}\n"

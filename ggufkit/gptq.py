@@ -4,10 +4,12 @@ that the layer's output on the calibration inputs (H = sum of x x^T) changes as 
 
 With H^-1 = U^T U (U upper triangular), the error D of a column block g, once the later columns
 absorb it optimally, costs |D U_gg^-1|^2 and moves the later columns by -(D U_gg^-1) U_g,later.
-The block's scales and codes come from ggml's own search (kquants) on the updated weights, weighted
-per column by diag((U_gg^T U_gg)^-1): that block's cost, the imatrix's role in plain rounding (for a
-diagonal H it is H's diagonal, i.e. the imatrix). Rows are independent, so any row chunk of a matrix
-can be quantized on its own with the same `Feedback`.
+Inside a block: ggml's own search (kquants) chooses the block's scales from the updated weights,
+weighted per column by diag((U_gg^T U_gg)^-1) (that block's cost; for a diagonal H, H's diagonal,
+i.e. the imatrix); then its columns are rounded one at a time on those scales' grids, each column's
+error pushed onto the block's later columns, and ggml's search fits the block's final scales and
+codes to the result. The error that moves the later blocks is the final codes' own. Rows are
+independent, so any row chunk of a matrix can be quantized on its own with the same `Feedback`.
 
 Stock types and blocks only: the output is ordinary GGUF data for the type."""
 
@@ -34,6 +36,57 @@ DAMP = 0.01
 # layer output error vs ggml's rounding was 0.30x / 0.42x / 1.17x on the calibration text / another
 # novel / Python source with the full H, and 0.38x / 0.45x / 0.86x with SHRINK 0.5.
 SHRINK = 0.5
+
+
+# Where each type keeps its element codes inside a block: (byte ranges to clear, i.e. every code 0;
+# byte ranges then set to a pattern that makes every code 1 (8 for the IQ4 types, whose level 8 is
+# 1 x the block scale); the codes' range). A block's bytes with all codes 0 and all codes 1,
+# dequantized, give each element's grid, offset + step * code (step * kvalues[code] for IQ4): what
+# rounding inside a block needs, with the block's scales as ggml's search chose them.
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+Q = GGMLQuantizationType
+IQ4_TYPES = (Q.IQ4_NL, Q.IQ4_XS)
+CODES: dict[GGMLQuantizationType, tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int, int], ...], int, int]] = {
+    Q.Q4_0: (((2, 18),), ((2, 18, 0x11),), 0, 15),
+    Q.Q4_1: (((4, 20),), ((4, 20, 0x11),), 0, 15),
+    Q.Q5_0: (((2, 22),), ((6, 22, 0x11),), 0, 31),
+    Q.Q5_1: (((4, 24),), ((8, 24, 0x11),), 0, 31),
+    Q.Q8_0: (((2, 34),), ((2, 34, 0x01),), -128, 127),
+    Q.Q2_K: (((16, 80),), ((16, 80, 0x55),), 0, 3),
+    Q.Q3_K: (((0, 96),), ((32, 96, 0x55),), 0, 7),
+    Q.Q4_K: (((16, 144),), ((16, 144, 0x11),), 0, 15),
+    Q.Q5_K: (((16, 176),), ((48, 176, 0x11),), 0, 31),
+    Q.Q6_K: (((0, 192),), ((0, 128, 0x11),), 0, 63),
+    Q.IQ4_NL: (((2, 18),), ((2, 18, 0x88),), 0, 15),
+    Q.IQ4_XS: (((8, 136),), ((8, 136, 0x88),), 0, 15),
+}
+
+
+def element_grids(q: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
+    """Per element of the quantized rows `q`: (offset, step) of its grid under the block's scales."""
+    clear, unit, _, _ = CODES[qtype]
+    size = GGML_QUANT_SIZES[qtype][1]
+    blocks = q.reshape(q.shape[0], -1, size)
+    zero = blocks.copy()
+    for a, b in clear:
+        zero[:, :, a:b] = 0
+    ones = zero.copy()
+    for a, b, pattern in unit:
+        ones[:, :, a:b] = pattern
+    offset, ones = dequantize(zero.reshape(q.shape), qtype), dequantize(ones.reshape(q.shape), qtype)
+    if qtype in IQ4_TYPES:  # levels are multiples of the block scale, which code 8 gives
+        return np.zeros_like(ones), ones
+    return offset, ones - offset
+
+
+def snap(x: np.ndarray, offset: np.ndarray, step: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """x rounded to the nearest point of its element's grid."""
+    _, _, lo, hi = CODES[qtype]
+    safe = np.where(step == 0, 1, step)
+    if qtype in IQ4_TYPES:
+        levels = IQ4_LEVELS * step[:, None]
+        return np.take_along_axis(levels, np.abs(levels - x[:, None]).argmin(axis=1)[:, None], axis=1)[:, 0]
+    return offset + step * np.clip(np.rint((x - offset) / safe), lo, hi)
 
 
 class Feedback:
@@ -65,7 +118,8 @@ class Feedback:
             b = a + block
             u_inv = np.linalg.inv(u[a:b, a:b])
             weights = np.einsum("ij,ij->i", u_inv, u_inv)  # diag(U_gg^-1 U_gg^-T)
-            groups.append((a, u_inv.astype(np.float32), (weights / weights.mean()).astype(np.float32),
+            groups.append((a, np.ascontiguousarray(u[a:b, a:b], dtype=np.float32), u_inv.astype(np.float32),
+                           (weights / weights.mean()).astype(np.float32),
                            np.ascontiguousarray(u[a:b, b:], dtype=np.float32)))
         return groups
 
@@ -77,14 +131,30 @@ class Feedback:
         out = []
         for k, groups in enumerate(self.groups):
             base = k * self.width
-            for a, u_inv, weights, u_later in groups:
+            for a, u_gg, u_inv, weights, u_later in groups:
                 cols = slice(base + a, base + a + self.block)
                 q = quantize(x[:, cols], qtype, weights)
+                if qtype in CODES:
+                    q = quantize(self._fed_within(x[:, cols], q, u_gg, qtype), qtype, weights)
                 err = (x[:, cols] - dequantize(q, qtype)) @ u_inv
                 if u_later.shape[1]:
                     x[:, base + a + self.block:base + self.width] -= err @ u_later
                 out.append(q)
         return np.concatenate(out, axis=1)
+
+
+    @staticmethod
+    def _fed_within(x: np.ndarray, q: np.ndarray, u_gg: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+        """The block's columns rounded one at a time on the grids of its first quantization `q`, each
+        column's error pushed onto the block's later columns: the values ggml's search then fits."""
+        offset, step = element_grids(q, qtype)
+        w = np.array(x, dtype=np.float32, copy=True)
+        out = np.empty_like(w)
+        for i in range(w.shape[1]):
+            out[:, i] = snap(w[:, i], offset[:, i], step[:, i], qtype)
+            err = (w[:, i] - out[:, i]) / u_gg[i, i]
+            w[:, i + 1:] -= np.outer(err, u_gg[i, i + 1:])
+        return out
 
 
 def check_method(method: str) -> None:

@@ -7,7 +7,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ggufkit.gguffile.hessian import hessian_width
-from ggufkit.gptq import Feedback
+from ggufkit.gptq import CODES, IQ4_LEVELS, IQ4_TYPES, Feedback, element_grids, snap
 from ggufkit.kquants import dequantize, quantize
 
 Q = GGMLQuantizationType
@@ -34,6 +34,24 @@ def test_feedback_lowers_the_h_weighted_error(qtype):
     plain = dequantize(quantize(w, qtype, np.diagonal(h).copy()), qtype)
     fed = dequantize(Feedback(h[None], GGML_QUANT_SIZES[qtype][0]).quantize(w, qtype), qtype)
     assert h_error(w, fed, h) < 0.8 * h_error(w, plain, h)
+
+
+@pytest.mark.parametrize("qtype", list(CODES))
+def test_element_grids_hold_every_quantized_value(qtype):
+    """The grids read off a block's bytes (all codes 0, all codes 1) hold each dequantized value at
+    an integer code in the type's range (a level of the IQ4 table): the layout table is right."""
+    w, h = correlated(32, 512, seed=4)
+    q = quantize(w, qtype, np.diagonal(h).copy())
+    offset, step = element_grids(q, qtype)
+    d = dequantize(q, qtype)
+    lo, hi = CODES[qtype][2:]
+    if qtype in IQ4_TYPES:
+        assert np.isin(np.rint(d / step), IQ4_LEVELS).all()
+    else:
+        code = (d - offset) / np.where(step == 0, 1, step)
+        np.testing.assert_allclose(code, np.rint(code), atol=1e-3)
+        assert code.min() >= lo - 1e-3 and code.max() <= hi + 1e-3
+    np.testing.assert_array_equal(snap(d[:, 7], offset[:, 7], step[:, 7], qtype), d[:, 7])
 
 
 def test_rows_are_independent():
