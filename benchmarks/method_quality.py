@@ -53,6 +53,8 @@ def run_model(name: str, args) -> dict:
             f"gptq {mixture}": dict(method="gptq"),
             f"gptq+budget <= {mixture}": dict(method="gptq", target=budget.Target(match=mixture)),
         }
+        if args.no_budget:
+            del files[f"gptq+budget <= {mixture}"]
         for label, kwargs in files.items():
             path = out / (label.replace(" ", "-").replace("<=", "le").replace("+", "-") + ".gguf")
             if kwargs["method"] != "ggml" or not path.exists():  # llama.cpp's bytes do not change
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--imatrix-chunks", type=int, default=16)
     p.add_argument("--jitter", type=float, default=0.1, help="noise (x each row's RMS) that takes the weights off "
                    "their source grid; 0: the model as fetched")
+    p.add_argument("--no-budget", action="store_true", help="leave out the budget mixture's files")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(models.cache_dir() / "bench" / "method"))
     p.add_argument("--json", metavar="FILE", help="also write the results here")
