@@ -102,8 +102,8 @@ class Feedback:
 
     @staticmethod
     def _groups(h: np.ndarray, block: int, damp: float,
-                shrink: float) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """(start, U_gg^-1, the rounding weights, U_g,later) for each column block g of one H block."""
+                shrink: float) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(start, U_gg, U_gg^-1, the rounding weights, U_g,later) for each column block g of one H block."""
         diag = np.diagonal(h).astype(np.float64)
         h = h.astype(np.float64) * (1 - shrink)
         dead = diag <= 0  # inputs the calibration never excited: any value is as good
@@ -141,7 +141,6 @@ class Feedback:
                     x[:, base + a + self.block:base + self.width] -= err @ u_later
                 out.append(q)
         return np.concatenate(out, axis=1)
-
 
     @staticmethod
     def _fed_within(x: np.ndarray, q: np.ndarray, u_gg: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -36,6 +36,16 @@ MIXTURES: dict[str, tuple[LlamaFileType, GGMLQuantizationType]] = {
     "Q2_K_S": (F.MOSTLY_Q2_K_S, Q.Q2_K),
     "IQ4_XS": (F.MOSTLY_IQ4_XS, Q.IQ4_XS),
     "IQ4_NL": (F.MOSTLY_IQ4_NL, Q.IQ4_NL),
+    "IQ3_M": (F.MOSTLY_IQ3_M, Q.IQ3_S),
+    "IQ3_S": (F.MOSTLY_IQ3_S, Q.IQ3_S),
+    "IQ3_XS": (F.MOSTLY_IQ3_XS, Q.IQ3_S),
+    "IQ3_XXS": (F.MOSTLY_IQ3_XXS, Q.IQ3_XXS),
+    "IQ2_M": (F.MOSTLY_IQ2_M, Q.IQ2_S),
+    "IQ2_S": (F.MOSTLY_IQ2_S, Q.IQ2_XS),
+    "IQ2_XS": (F.MOSTLY_IQ2_XS, Q.IQ2_XS),
+    "IQ2_XXS": (F.MOSTLY_IQ2_XXS, Q.IQ2_XXS),
+    "IQ1_M": (F.MOSTLY_IQ1_M, Q.IQ1_M),
+    "IQ1_S": (F.MOSTLY_IQ1_S, Q.IQ1_S),
     "Q5_1": (F.MOSTLY_Q5_1, Q.Q5_1),
     "Q5_0": (F.MOSTLY_Q5_0, Q.Q5_0),
     "Q4_1": (F.MOSTLY_Q4_1, Q.Q4_1),
@@ -56,6 +66,9 @@ FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6
 
 # Types whose quantizers produce garbage without importance data (outside token_embd / output).
 IMATRIX_REQUIRED = {Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S}
+
+# The 1-2 bit mixtures: Q5_K output, smaller token_embd, and rules of their own for the layers.
+LOW_BIT = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
 
 # 2-D weights llama.cpp never quantizes: routers, tiny or positional tables, convolutions.
 KEEP_SUBSTRINGS = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
@@ -186,7 +199,8 @@ class _Counters:
         self.n_attn_v = sum(category(t.name) == "attn_v" for t in tensors)
         self.i_attn_v = 0
         self.i_ffn_down = 0
-        self.n_ffn_down = n_layer
+        self.i_ffn = {"ffn_gate": 0, "ffn_up": 0}
+        self.n_ffn_down = n_layer  # llama.cpp's n_ffn_down = n_ffn_gate = n_ffn_up
 
 
 def _output_type(mixture: str, model: ModelInfo, t: TensorMeta, new: GGMLQuantizationType,
@@ -195,14 +209,56 @@ def _output_type(mixture: str, model: ModelInfo, t: TensorMeta, new: GGMLQuantiz
         return opts.output_type
     if mixture == "MXFP4_MOE" or model.arch == "falcon" or t.ne[0] % GGML_QUANT_SIZES[new][0]:
         return Q.Q8_0
+    if mixture in LOW_BIT or mixture == "IQ3_XXS":
+        return Q.Q5_K
     return new if new == Q.Q8_0 else Q.Q6_K
 
 
-def _attn_v_type(mixture: str, model: ModelInfo, i: int, n: int, new: GGMLQuantizationType) -> GGMLQuantizationType:
+def _token_embd_type(mixture: str, new: GGMLQuantizationType) -> GGMLQuantizationType:
+    """token_embd when it is not also the output."""
+    if mixture in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+        return Q.Q2_K
+    if mixture in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+        return Q.IQ3_S
+    if mixture in ("TQ1_0", "TQ2_0"):
+        return Q.Q4_K
+    return new
+
+
+def _low_bit_type(mixture: str, model: ModelInfo, cat: str, new: GGMLQuantizationType,
+                  counters: _Counters) -> GGMLQuantizationType:
+    """The layers of the LOW_BIT mixtures: attn_v, the first eighth of ffn_down (counted over all
+    ffn_down tensors, experts' too) and attn_output get more bits."""
+    wider = Q.IQ3_S if mixture in ("IQ2_S", "IQ2_M") else Q.Q2_K
+    if cat == "attn_v":
+        counters.i_attn_v += 1
+        return Q.Q4_K if model.n_gqa >= 4 or model.n_expert >= 4 else wider
+    if cat == "attn_k" and model.n_expert == 8:
+        return Q.Q4_K
+    if cat == "ffn_down":
+        i = counters.i_ffn_down
+        counters.i_ffn_down += 1
+        return wider if i < counters.n_ffn_down // 8 else new
+    if cat == "attn_output":
+        if model.n_expert == 8:
+            return Q.Q5_K
+        if mixture in ("IQ1_S", "IQ1_M"):
+            return Q.IQ2_XXS
+        if mixture in ("IQ2_S", "IQ2_M"):
+            return Q.IQ3_S
+    return new
+
+
+def _attn_v_type(mixture: str, model: ModelInfo, i: int, n: int, new: GGMLQuantizationType,
+                 has_imatrix: bool) -> GGMLQuantizationType:
     gqa4 = model.n_gqa >= 4
     if mixture == "Q2_K":
         new = Q.Q4_K if gqa4 else Q.Q3_K
     elif mixture == "Q2_K_S" and gqa4:
+        new = Q.Q4_K
+    elif mixture == "IQ3_XXS":
+        new = Q.Q4_K if gqa4 else Q.IQ3_XXS if has_imatrix else Q.IQ3_S
+    elif mixture in ("IQ3_XS", "IQ3_S") and gqa4 or mixture == "IQ3_M":
         new = Q.Q4_K
     elif mixture == "Q3_K_M":
         new = Q.Q5_K if i < 2 else Q.Q4_K
@@ -228,6 +284,10 @@ def _ffn_down_type(mixture: str, model: ModelInfo, i: int, n: int, new: GGMLQuan
         return Q.Q3_K
     if mixture == "Q2_K_S":
         return Q.Q4_K if i < n // 8 else new
+    if mixture == "IQ3_XXS" and not has_imatrix:
+        return Q.Q4_K if i < n // 8 else Q.Q3_K
+    if mixture == "IQ3_M" and (i < n // 8 or model.n_expert == 8 and use_more_bits(i, n)):
+        return Q.Q4_K
     if mixture == "Q3_K_M":
         return Q.Q5_K if i < n // 16 else Q.Q4_K if not falcon or use_more_bits(i, n) else Q.Q3_K
     if mixture == "Q3_K_L":
@@ -253,9 +313,10 @@ def _attn_output_type(mixture: str, model: ModelInfo, new: GGMLQuantizationType)
     if model.arch == "falcon":
         return Q.Q4_K if mixture == "Q3_K_L" else new
     if model.n_expert == 8:
-        bumped = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS")
+        bumped = ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S", "IQ3_M",
+                  "IQ4_XS")
         return Q.Q5_K if mixture in bumped else new
-    return {"Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K}.get(mixture, new)
+    return {"Q2_K": Q.Q3_K, "IQ3_XXS": Q.IQ3_S, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K, "IQ3_M": Q.Q4_K}.get(mixture, new)
 
 
 def _is_expert_tensor(model: ModelInfo, t: TensorMeta) -> bool:
@@ -272,20 +333,30 @@ def _mixture_type(mixture: str, model: ModelInfo, t: TensorMeta, new: GGMLQuanti
         return _output_type(mixture, model, t, new, opts)
     if mixture == "MXFP4_MOE":
         return Q.MXFP4 if _is_expert_tensor(model, t) else Q.Q8_0
-    if cat == "token_embd" and mixture in ("TQ1_0", "TQ2_0"):
-        return Q.Q4_K
+    if cat == "token_embd":
+        return _token_embd_type(mixture, new)
+    if mixture in LOW_BIT:
+        return _low_bit_type(mixture, model, cat, new, counters)
+    # experts of one layer are not stored consecutively: their layer comes from the name
+    layer = layer_of(t.name) if model.n_expert > 1 else None
     if cat == "attn_v":
-        new = _attn_v_type(mixture, model, counters.i_attn_v, counters.n_attn_v, new)
+        new = _attn_v_type(mixture, model, counters.i_attn_v, counters.n_attn_v, new, has_imatrix)
         counters.i_attn_v += 1
     elif cat == "attn_k" and model.n_expert == 8:
         new = Q.Q8_0
+    elif cat in ("attn_k", "attn_q"):
+        new = {"IQ3_XS": Q.IQ3_XXS, "IQ3_XXS": Q.IQ2_S}.get(mixture, new)
     elif cat == "ffn_down":
-        # experts of one layer are not stored consecutively: take the layer from the name
-        i = layer_of(t.name) if model.n_expert > 1 else counters.i_ffn_down
+        i = counters.i_ffn_down if layer is None else layer
         new = _ffn_down_type(mixture, model, i, counters.n_ffn_down, new, has_imatrix)
         counters.i_ffn_down += 1
     elif cat == "attn_output":
         new = _attn_output_type(mixture, model, new)
+    elif cat in ("ffn_gate", "ffn_up"):
+        i = counters.i_ffn[cat] if layer is None else layer
+        if mixture == "IQ3_XS" and counters.n_ffn_down // 8 <= i < 7 * counters.n_ffn_down // 8:
+            new = Q.IQ3_XXS
+        counters.i_ffn[cat] += 1
     return new
 
 

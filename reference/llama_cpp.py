@@ -4,8 +4,10 @@ tools built from it, and its own converter."""
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import functools
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -35,6 +37,8 @@ def _ggml_lib() -> ctypes.CDLL:
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     return lib
@@ -65,6 +69,39 @@ def ggml_quantize(x: np.ndarray, qtype, imatrix: np.ndarray | None = None, start
     ggml_lib().ggml_quantize_chunk(int(qtype), src.ctypes.data, out.ctypes.data, 0, nrows, cols,
                                    None if imat is None else imat.ctypes.data)
     return out
+
+
+def ggml_quantize_or_abort(x: np.ndarray, qtype, imatrix: np.ndarray | None = None) -> np.ndarray | None:
+    """ggml_quantize in a forked child: None where ggml aborts (a failed GGML_ASSERT), as its i-quant
+    lattice searches do on weights whose float32 distances overflow."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ggml_lib().ggml_quantize_init(int(qtype))  # its tables, once in this process rather than in every child
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: quantize, send the bytes, exit without running the parent's cleanup
+        status = 1
+        try:
+            os.close(read_end)
+            os.environ["GGML_NO_BACKTRACE"] = "1"
+            faulthandler.disable()  # the abort is expected: no Python traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # nor ggml's assertion message
+            with os.fdopen(write_end, "wb") as f:
+                f.write(ggml_quantize(x, qtype, imatrix).tobytes())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGABRT:
+        return None
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        raise RuntimeError(f"ggml_quantize's child process failed (status {status})")
+    from gguf import GGML_QUANT_SIZES
+
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return np.frombuffer(data, np.uint8).reshape(x.shape[0], x.shape[1] // block * type_size).copy()
 
 
 def ggml_dequantize(data: np.ndarray, qtype) -> np.ndarray:

@@ -127,7 +127,8 @@ def test_bytes_and_metadata_match_llama_quantize_smollm2(real_models, tmp_path, 
 
 
 @pytest.mark.tools
-@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_S", "Q5_1", "IQ4_NL", "TQ1_0", "TQ2_0", "MXFP4_MOE"])
+@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_S", "Q5_1", "IQ4_NL", "TQ1_0", "TQ2_0", "MXFP4_MOE", "IQ3_M",
+                                     "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XXS", "IQ1_M", "IQ1_S"])
 def test_bytes_match_llama_quantize_synthetic(synthetic, tmp_path, mixture):
     path, imatrix = synthetic["moe8"]  # per-expert imatrix slices, 3-D tensors, 256-multiple rows
     _assert_identical_to_llama_quantize(tmp_path, path, mixture, imatrix)

@@ -71,6 +71,8 @@ def quantize(weights, qtype, imatrix=None) -> np.ndarray:
     rows, cols = x.shape
     if cols % block_type.block_size:
         raise ValueError(f"{qt.name}: row length {cols} is not a multiple of the block size {block_type.block_size}")
+    if imatrix is None and block_type.needs_imatrix:
+        raise ValueError(f"{qt.name} needs an importance matrix (imatrix): ggml has no formula without one")
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         if imatrix.shape != (cols,):

@@ -21,7 +21,8 @@ def _cache_dir() -> Path:
     """A cache folder per version of these sources: numba checks only the timestamp of the file that
     defines a kernel, not of the helpers compiled into it from other files."""
     here = Path(__file__).parent
-    sources = [here / f"{name}.py" for name in ("jit", "search", "legacy", "k_quants", "iq4", "ternary", "mxfp4")]
+    sources = [here / f"{name}.py" for name in ("jit", "search", "legacy", "k_quants", "iq4", "ternary", "mxfp4",
+                                                "lattice", "iq1")]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     root = Path(os.environ.get("GGUFKIT_CACHE") or Path.home() / ".cache" / "ggufkit") / "numba"
     if not (root / digest).exists() and root.is_dir():  # a new version: drop the old ones' code
@@ -80,6 +81,12 @@ def lane_vec(dtype):
 def lane_mat(rows, dtype):
     """A (rows, 16) scratch array, rows <= 32: a block of up to 32 elements per lane."""
     return carray(_stack(512, dtype), (rows, 16))
+
+
+@inline
+def stack_vec(dtype):
+    """A (512,) scratch array on the stack."""
+    return carray(_stack(512, dtype), (512,))
 
 
 @inline

@@ -13,7 +13,7 @@ from typing import Callable
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from ggufkit.kquants import iq4, k_quants, legacy, mxfp4, ternary
+from ggufkit.kquants import iq1, iq4, k_quants, lattice, legacy, mxfp4, ternary
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class BlockType:
     kernel: Callable
     nmax: int = 0  # the kernel's level count parameter, where one kernel serves several types
     ref_kernel: Callable | None = None  # ggml's formula without an imatrix, where it differs
+    needs_imatrix: bool = False  # ggml has no formula without one (ggml_quantize_requires_imatrix)
 
     @property
     def block_size(self) -> int:
@@ -51,4 +52,11 @@ BLOCK_TYPES: dict[T, BlockType] = {b.qtype: b for b in [
     BlockType(T.TQ1_0, ternary.tq1_0),
     BlockType(T.TQ2_0, ternary.tq2_0),
     BlockType(T.MXFP4, mxfp4.mxfp4),
+    BlockType(T.IQ3_XXS, lattice.with_lattice(T.IQ3_XXS, lattice.iq3_xxs)),
+    BlockType(T.IQ3_S, lattice.with_lattice(T.IQ3_S, lattice.iq3_s)),
+    BlockType(T.IQ2_XXS, lattice.with_lattice(T.IQ2_XXS, lattice.iq2_xxs), needs_imatrix=True),
+    BlockType(T.IQ2_XS, lattice.with_lattice(T.IQ2_XS, lattice.iq2_xs), needs_imatrix=True),
+    BlockType(T.IQ2_S, lattice.with_lattice(T.IQ2_S, lattice.iq2_s)),
+    BlockType(T.IQ1_S, lattice.with_lattice(T.IQ1_S, iq1.iq1_s), needs_imatrix=True),
+    BlockType(T.IQ1_M, lattice.with_lattice(T.IQ1_M, iq1.iq1_m)),
 ]}
