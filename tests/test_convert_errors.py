@@ -78,6 +78,8 @@ def test_unsupported_architecture_lists_supported(ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("arch, change, words", [
     ("OlmoeForCausalLM", {"num_key_value_heads": 2}, ("OLMoE", "grouped-query")),
     ("Mistral3ForConditionalGeneration", {"text_config": {"model_type": "mistral4"}}, ("Mistral 4",)),
+    ("GptOssForCausalLM", {"layer_types": ["full_attention", "sliding_attention"]}, ("GPT-OSS", "layer_types")),
+    ("Gemma4ForCausalLM", {"hidden_size_per_layer_input": 256}, ("Gemma 4", "per-layer input embeddings")),
 ])
 def test_configs_llama_cpp_cannot_run_are_refused(arch, change, words, ckpt, tmp_path, capsys):
     cfg = json.loads((ckpt / "config.json").read_text())

@@ -20,18 +20,28 @@ N_NEW = 16
 NEAR_TIE = 0.02
 
 
-# Families whose converter reads only tokenizer.model carry one of llama.cpp's vocabularies (from its
-# source tree: `tools`); GLM-4 SmolLM2's with GLM's added tokens; the others SmolLM2's.
-SPM_ONLY = {"gemma2", "phi3", "ernie4_5"}
+# Families whose converter takes only SentencePiece vocabularies (tokenizer.model; Gemma 4: in tokenizer.json)
+# carry one of llama.cpp's (from its source tree: `tools`); GLM-4 SmolLM2's with GLM's added tokens; the
+# others SmolLM2's.
+SPM_ONLY = {"gemma2", "phi3", "ernie4_5", "gemma4"}
 OWN_TOKENIZER = SPM_ONLY | set(tiny_models.ADDED_TOKENS)
 
 
+# GPT-OSS's released layout, MXFP4 experts (written as MXFP4), against transformers on their values
+MXFP4 = "gpt_oss-mxfp4"
+
+
 @pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.tools) if f in SPM_ONLY else f
-                                        for f in sorted(tiny_models.CONFIGS)])
+                                        for f in [*sorted(tiny_models.CONFIGS), MXFP4]])
 def tiny(request, smollm2_hf, tmp_path_factory):
+    """(name, the checkpoint transformers runs, the F32 GGUF llama.cpp runs)."""
     from ggufkit.convert.pipeline import convert
 
     root = tmp_path_factory.mktemp(request.param)
+    if request.param == MXFP4:
+        folder = tiny_models.with_mxfp4_experts(tiny_models.build("gpt_oss", root / "hf", smollm2_hf))
+        return request.param, tiny_models.mxfp4_dequantized(folder, root / "dequantized"), \
+            convert(folder, root / "model-f32.gguf", out_type="F32")
     tokenizer, overrides = (tiny_models.tokenizer_for(request.param, smollm2_hf, root / "vocab")
                             if request.param in OWN_TOKENIZER else (smollm2_hf, {}))
     folder = tiny_models.build(request.param, root / "hf", tokenizer, **overrides)

@@ -71,3 +71,29 @@ def test_unloadable_tokenizer_json_is_not_cross_checked(tmp_path, capsys):
     path.write_text('{"model": {"type": "BPE"}}')
     assert tokenizer.llama_cpp_hash(path) is None
     assert "not cross-checked" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_o200k_split_is_llama_cpps_gpt_4o(smollm2_hf, tmp_path):
+    """GPT-OSS's tokenizer (o200k_harmony) splits words at case changes, as GPT-4o's does: its
+    definition is identified as llama.cpp's gpt-4o, whose splitting then tokenizes as the tokenizers
+    library does (SmolLM2's vocabulary with that split, a tokenizer llama.cpp's table does not know)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer
+
+    from ggufkit.convert.pipeline import convert
+    from tests import tiny_models
+
+    ckpt = tiny_models.build("llama", tmp_path / "hf", smollm2_hf, hidden_size=32, num_hidden_layers=1)
+    tj = _with_pre(ckpt / "tokenizer.json", tokenizer.PRE_TOKENIZERS["gpt-4o"])
+    assert tokenizer._known_hashes()[1].get(tokenizer.llama_cpp_hash(ckpt / "tokenizer.json")) is None
+    assert tokenizer.identify_pre_tokenizer(tj, ckpt / "tokenizer.json") == "gpt-4o"
+    llm = Llama(str(convert(ckpt, tmp_path / "model.gguf", out_type="F32")), vocab_only=True, verbose=False)
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    for text in (tokenizer._known_hashes()[0], "camelCase HTTPServer XMLHttpRequest I'M YOU'LL We'Ve",
+                 "path/to/file\n12345 3.14 ... ?!\n\n  x", "Ünïcödé ÀBC àbc Straße ΑΒΓ αβγ"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+            tok.encode(text, add_special_tokens=False).ids, text

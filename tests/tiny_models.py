@@ -55,6 +55,40 @@ CONFIGS = {
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM",
                 dict(sliding_window=None, layer_types=["full_attention"] * 2, pad_token_id=0)),
     "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(head_dim=16, pad_token_id=0)),
+    # a window of 8 tokens on the even layers; YaRN with its correction range rounded (truncate), as
+    # llama.cpp rounds it (GPT-OSS's default, unrounded, moves the logits by a few hundredths)
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention"],
+                     rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                          beta_slow=1.0, original_max_position_embeddings=4096, truncate=True))),
+    # DeepSeek-V3's layout scaled down: a dense first layer, then 4 routed experts in 2 groups (one
+    # chosen) beside a shared one; q and kv through low-rank latents; YaRN with its attention scaling
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                         n_group=2, topk_group=1, n_shared_experts=1, moe_intermediate_size=32,
+                         routed_scaling_factor=2.5, scoring_func="sigmoid", topk_method="noaux_tc", q_lora_rank=32,
+                         kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, beta_fast=32.0,
+                                              beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                              original_max_position_embeddings=64))),
+    # Gemma 4's text model: full-attention layers with their own head size and one key head that also
+    # serves as the value (attention_k_eq_v), a window of 8 tokens on the others; an image-text checkpoint
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForConditionalGeneration",
+               dict(head_dim=16, global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=1,
+                    sliding_window=8, layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+                    hidden_size_per_layer_input=0, tie_word_embeddings=True, pad_token_id=0)),
+    # LFM2: short convolutions in two of four layers, attention in the others; the FFN 2/3 of 128, rounded
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM",
+             dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
+                  block_multiple_of=32, norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=0)),
+    # Qwen3-Next: three DeltaNet layers (2 key heads, 4 value heads), then full attention; experts beside a
+    # shared one in every layer; and the multi-token-prediction layer its checkpoints carry (with_mtp_layer)
+    "qwen3next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                  dict(num_hidden_layers=4, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=16, linear_value_head_dim=16,
+                       layer_types=["linear_attention"] * 3 + ["full_attention"])),
     # the text config of an image-text model (IMAGE_TEXT)
     "mistral3": ("MistralConfig", "Mistral3ForConditionalGeneration",
                  dict(rope_theta=1e6, sliding_window=None, head_dim=16)),
@@ -67,9 +101,10 @@ CONFIGS = {
 }
 # The vocabulary each family's tiny checkpoint carries where llama.cpp's converter does not take SmolLM2's
 # for it (one of those llama.cpp ships, see llama_cpp_vocab): Qwen2's BPE for Qwen, Llama 2's
-# SentencePiece for the families whose converter reads only tokenizer.model.
-VOCABS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma2": "llama-spm", "phi3": "llama-spm",
-          "ernie4_5": "llama-spm"}
+# SentencePiece for the families whose converter takes only SentencePiece (tokenizer.model; Gemma 4's
+# tokenizer.json, which export-hf writes for it too).
+VOCABS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "qwen3next": "qwen2", "gemma2": "llama-spm",
+          "phi3": "llama-spm", "ernie4_5": "llama-spm", "gemma4": "llama-spm"}
 
 
 # GLM-4's converter takes special tokens from GLM's own added tokens: SmolLM2's vocabulary with them appended.
@@ -107,9 +142,13 @@ GEMMA3_MULTIMODAL = ("Gemma3TextConfig", "Gemma3ForConditionalGeneration", CONFI
 # and a minimal vision tower. Mistral's keep an lm_head, as the released checkpoints do.
 MISTRAL3 = ("Mistral3Config", dict(spatial_merge_size=2, tie_word_embeddings=False))
 IMAGE_TEXT = {"gemma3-multimodal": ("Gemma3Config", dict(mm_tokens_per_image=4)), "mistral3": MISTRAL3,
-              "ministral3": MISTRAL3}
+              "ministral3": MISTRAL3, "gemma4": ("Gemma4Config", dict(audio_config=None))}
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-              patch_size=8)
+              patch_size=8, head_dim=16, num_key_value_heads=2, position_embedding_size=64)
+
+
+# families whose RMSNorm multiplies by (1 + w): their norm weights are drawn around 0
+ONE_PLUS_NORMS = ("gemma2", "gemma3", "qwen3next")
 
 
 def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
@@ -129,15 +168,88 @@ def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: 
         # Large random weights make the logits peaked, so greedy decoding is not decided by rounding noise.
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if not family.startswith("gemma") else p.normal_(0, 0.1)
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if not family.startswith(ONE_PLUS_NORMS) else p.normal_(0, 0.1)
             else:
                 p.normal_(0, 0.15)
+        # learned buffers that start as constants: DeepSeek-V3's expert score bias, Gemma 4's layer scalar
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.5)
+            elif name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(folder, safe_serialization=True)
+    if family == "qwen3next":
+        with_mtp_layer(folder, seed)
     for name in TOKENIZER_FILES:
         if (tokenizer_src / name).is_file():
             shutil.copy(tokenizer_src / name, folder / name)
     return folder
+
+
+def with_mtp_layer(folder: Path, seed: int = 0) -> Path:
+    """Qwen3-Next's multi-token-prediction module (mtp.*), which its released checkpoints carry and
+    llama.cpp's converter requires, but transformers neither builds nor saves: one more decoder layer
+    (the last, full-attention one, perturbed), the fc projection of [embedding, hidden] and three norms."""
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(seed)
+    weights = load_file(folder / "model.safetensors")
+    last = f"model.layers.{json.loads((folder / 'config.json').read_text())['num_hidden_layers'] - 1}."
+    for name in [n for n in weights if n.startswith(last)]:
+        x = weights[name]
+        weights["mtp.layers.0." + name[len(last):]] = (x + 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+    d = weights["model.norm.weight"].shape[0]
+    weights["mtp.fc.weight"] = (0.15 * rng.standard_normal((d, 2 * d))).astype(np.float32)
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        weights[f"mtp.{norm}.weight"] = (0.1 * rng.standard_normal(d)).astype(np.float32)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def with_mxfp4_experts(folder: Path, seed: int = 0) -> Path:
+    """GPT-OSS's released layout: each layer's fused expert projections in MXFP4 (transformers'
+    `<name>_blocks`, experts x outputs x groups x 16 bytes of two E2M1 codes, and `<name>_scales`,
+    their E8M0 exponents; a quantization_config saying so), with random codes: every code occurs,
+    -0 included, and every other block holds magnitudes up to 1.5 units only, so its exponent is not
+    the one ggml's quantizer would give its values (only a byte-for-byte copy keeps it). Units of
+    2^-9 to 2^-6: weights of the other tensors' size."""
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(seed)
+    weights = load_file(folder / "model.safetensors")
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        n_expert, cols, rows = weights.pop(name).shape  # transformers keeps them as inputs x outputs
+        blocks = rng.integers(0, 256, (n_expert, rows, cols // 32, 16), dtype=np.uint8)
+        blocks[..., ::2, :] &= 0xBB  # codes 0-3 and 8-11: magnitudes 0 to 1.5
+        weights[name + "_blocks"] = blocks
+        weights[name + "_scales"] = rng.integers(118, 122, (n_expert, rows, cols // 32), dtype=np.uint8)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def mxfp4_dequantized(folder: Path, out: Path) -> Path:
+    """An MXFP4 checkpoint in floats, dequantized by transformers' own MXFP4 reader (what it runs on
+    CPUs without MXFP4 kernels), in transformers' layout: a reference that needs no accelerate."""
+    uses("torch")
+    import torch
+    from safetensors.numpy import load_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    shutil.copytree(folder, out)
+    weights = load_file(out / "model.safetensors")
+    for name in [n.removesuffix("_blocks") for n in weights if n.endswith("_blocks")]:
+        blocks, scales = (torch.from_numpy(weights.pop(name + part)) for part in ("_blocks", "_scales"))
+        weights[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).numpy()
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 def llama_cpp_vocab(name: str, folder: Path) -> dict:

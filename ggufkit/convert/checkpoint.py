@@ -42,6 +42,13 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def expert_slice(info: TensorInfo, e: int) -> TensorInfo:
+    """Expert e of a tensor that stacks experts on its first axis: a contiguous byte range of it."""
+    size = (info.end - info.start) // info.shape[0]
+    return TensorInfo(f"{info.name}[{e}]", info.file, info.dtype, info.shape[1:], info.start + e * size,
+                      info.start + (e + 1) * size)
+
+
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -80,14 +87,42 @@ class Checkpoint:
     root: Path
     config: dict
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
-    # Packed integer layers (GPTQ/AWQ/...): weight name -> (dequantizer, its component tensors).
+    # Tensors computed from others (packed GPTQ/AWQ layers, one expert of a fused tensor): name ->
+    # (its float32 values from its parts, the parts: name -> TensorInfo).
     packed: dict[str, tuple] = field(default_factory=dict)
+    # Those whose parts already hold them in a ggml block type (MXFP4 experts): name -> (type, parts -> GGUF bytes).
+    stored: dict[str, tuple] = field(default_factory=dict)
     _cache: tuple = (None, None)  # the last dequantized packed layer, read in row chunks
 
     def rename(self, fn) -> None:
         """Key tensors by fn(name), dropping those it maps to None (parts the output leaves out)."""
         self.tensors = {new: t for name, t in self.tensors.items() if (new := fn(name)) is not None}
         self.packed = {new: p for name, p in self.packed.items() if (new := fn(name)) is not None}
+        self.stored = {new: p for name, p in self.stored.items() if (new := fn(name)) is not None}
+
+    def add_packed(self, name: str, shape: tuple[int, ...], parts: dict[str, TensorInfo], values,
+                   dtype: str = "F32", stored: tuple | None = None) -> None:
+        """A tensor computed from `parts`: float32 `values(arrays)` (BF16 parts widened first), with the
+        dtype it counts as; `stored`: (ggml type, arrays -> its GGUF bytes) where the parts hold it in one."""
+        self.tensors[name] = TensorInfo(name, next(iter(parts.values())).file, dtype, shape, 0, 0)
+        self.packed[name] = (values, parts)
+        if stored is not None:
+            self.stored[name] = stored
+
+    def squeeze(self, name: str) -> None:
+        """Present a tensor without its axes of size 1 (a convolution's (channels, 1, kernel) weight)."""
+        info = self.tensors[name]
+        shape = tuple(n for n in info.shape if n != 1)
+        self.add_packed(name, shape, {"w": info}, lambda t: t["w"].reshape(shape), info.dtype)
+
+    def stored_type(self, name: str):
+        """The ggml block type the checkpoint holds the tensor in, or None."""
+        return self.stored[name][0] if name in self.stored else None
+
+    def get_stored(self, name: str) -> np.ndarray:
+        """The tensor's GGUF bytes, (rows, bytes per row), as its parts hold them."""
+        _, parts = self.packed[name]
+        return self.stored[name][1]({k: self._read(i) for k, i in parts.items()})
 
     def _read(self, info: TensorInfo) -> np.ndarray:
         with open(info.file, "rb") as f:
@@ -187,5 +222,4 @@ def _gather_packed(ckpt: Checkpoint, method: str, bits: int) -> None:
             shape = (first.shape[1], first.shape[0] * 32 // bits)
         else:
             shape = (first.shape[1] * 32 // bits, first.shape[0])
-        ckpt.tensors[prefix + "weight"] = TensorInfo(prefix + "weight", first.file, "F32", shape, 0, 0)
-        ckpt.packed[prefix + "weight"] = (lambda t, fn=dequant: fn(t, bits), parts)
+        ckpt.add_packed(prefix + "weight", shape, parts, lambda t, fn=dequant: fn(t, bits))

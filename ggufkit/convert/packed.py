@@ -12,6 +12,9 @@ Layouts (int32 words, `bits`-wide fields, field i at bit offset bits*i):
 - compressed-tensors pack-quantized (llm-compressor): weight_packed (out, in/pf) packs the input dim,
   codes stored as q + 2^(bits-1); weight_scale (out, groups); optional weight_zero_point packed along
   the output dim (out/pf, groups), same offset; weight_shape. W = s * (q - zp).
+- MXFP4 (transformers' "mxfp4", GPT-OSS's experts): `<name>_blocks` (..., groups, 16) holds 32 E2M1
+  codes per group, two a byte, the even element in the low nibble; `<name>_scales` (..., groups) the
+  groups' E8M0 exponents. The family that has them reads them (`mxfp4_to_ggml`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,15 @@ def compressed_weight(t: dict, bits: int) -> np.ndarray:
     return _dequant(q, zp[:, g], scale[:, g])
 
 
+def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 blocks and scales -> ggml's block_mxfp4 bytes (..., groups * 17): the exponent, then byte j
+    holding code j in its low nibble and code j + 16 in its high one. Both formats use the same E8M0
+    exponent and E2M1 codes, so only bits move (as llama.cpp's converter repacks them)."""
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([scales[..., None], packed], axis=-1).reshape(*blocks.shape[:-2], -1)
+
+
 # quant_method -> (component suffixes that identify a packed layer, dequantizer)
 FORMATS = {
     "gptq": (("qweight", "qzeros", "scales", "g_idx"), gptq_weight),
@@ -77,16 +89,22 @@ FORMATS = {
                            compressed_weight),
 }
 
+# quant_methods whose tensors the family reads itself (GPT-OSS: MXFP4 experts, the rest in floats)
+FAMILY_FORMATS = ("mxfp4",)
+
 
 def packed_format(config: dict, path) -> tuple[str, int] | None:
-    """(quant_method, bits) from config.json's quantization_config, None for float checkpoints."""
+    """(quant_method, bits) from config.json's quantization_config; None for float checkpoints and for
+    the formats a family reads itself."""
     qc = config.get("quantization_config")
     if not qc:
         return None
     method = qc.get("quant_method")
+    if method in FAMILY_FORMATS:
+        return None
     if method not in FORMATS:
         raise GgufkitError(f"unsupported quantization_config.quant_method {method!r}; "
-                           f"supported: {', '.join(FORMATS)}", path)
+                           f"supported: {', '.join((*FORMATS, *FAMILY_FORMATS))}", path)
     if method == "compressed-tensors":
         if qc.get("format") not in ("pack-quantized", None):
             raise GgufkitError(f"unsupported compressed-tensors format {qc.get('format')!r} (pack-quantized only)", path)

@@ -58,11 +58,15 @@ class PlannedTensor:
     sources: tuple[str, ...] = ()  # the checkpoint tensors stacked into it (one, or one per expert)
 
 
+# matrices llama.cpp's converter keeps in F32: expert routers, convolutions
+CONVERTER_F32 = ("ffn_gate_inp", "shortconv.conv", "ssm_conv1d")
+
+
 def tensor_type(gguf_name: str, shape: tuple[int, ...], want: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """llama.cpp's converter's rules: vectors, norms and expert routers stay F32; a row that does not
-    fit the block falls back as llama-quantize's rows do (for the converter's 32-block types: to F16)."""
+    """llama.cpp's converter's rules: vectors, norms, expert routers and convolutions stay F32; a row that
+    does not fit the block falls back as llama-quantize's rows do (for the converter's 32-block types: to F16)."""
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight") \
-            or "ffn_gate_inp" in gguf_name:
+            or any(part in gguf_name for part in CONVERTER_F32):
         return Q.F32
     return fallback(want, shape[-1])
 
@@ -274,12 +278,12 @@ CALIBRATED = "ggufkit convert --calibration"
 
 
 def _file_type(out_type: str, tensors: list[PlannedTensor]) -> int:
-    if out_type in CONVERTER_TYPES:
-        if out_type != "Q8_0" and any(t.qtype == Q.MXFP4 for t in tensors):  # as llama.cpp's converter names it
-            return F.MOSTLY_MXFP4_MOE
-        return CONVERTER_TYPES[out_type][1]
     if out_type in MIXTURE_TYPES:
         return MIXTURES[out_type][0]
+    if out_type != "Q8_0" and any(t.qtype == Q.MXFP4 for t in tensors):  # a checkpoint's MXFP4 experts, as
+        return F.MOSTLY_MXFP4_MOE  # llama.cpp's converter names the file for its float types
+    if out_type in CONVERTER_TYPES:
+        return CONVERTER_TYPES[out_type][1]
     # AUTO: the file type names the most common matrix type
     counts = Counter(t.qtype for t in tensors if t.qtype != Q.F32)
     return AUTO_FILE_TYPES[counts.most_common(1)[0][0]]

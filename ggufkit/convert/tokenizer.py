@@ -1,13 +1,15 @@
 """Tokenizers -> GGUF keys: BPE vocabularies from tokenizer.json (pre-tokenizer identified from its own
 definition, cross-checked against llama.cpp's hashes of known tokenizers), SentencePiece from
-tokenizer.model; special tokens, add_bos/add_eos, the chat template and the normalizer flags as llama.cpp's
-converter reads them (`special_vocab`). Which files a family reads, and the settings it adds (the space
-prefix), the family decides (`Family.load_vocab`)."""
+tokenizer.model (or, Gemma 4's, stored as BPE in tokenizer.json); special tokens, add_bos/add_eos,
+the chat template and the normalizer flags as llama.cpp's converter reads them (`special_vocab`).
+Which files a family reads, and the settings it adds (the space prefix), the family decides
+(`Family.load_vocab`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import cache
@@ -24,6 +26,13 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# OpenAI's o200k (GPT-4o, GPT-OSS's o200k_harmony): words split at case changes, contractions kept on
+_O200K_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 
 def _split_then_bytes(regex: str) -> dict:
     return {"type": "Sequence", "pretokenizers": [
@@ -39,6 +48,7 @@ PRE_TOKENIZERS: dict[str, dict] = {
     "llama-bpe": _split_then_bytes(_LLAMA3_REGEX),
     "smaug-bpe": _split_then_bytes(_LLAMA3_REGEX),
     "qwen2": _split_then_bytes(_QWEN2_REGEX),
+    "gpt-4o": _split_then_bytes(_O200K_REGEX),
 }
 # Pre-tokenizers whose BPE model takes a whole word found in the vocabulary before merging
 # (tokenizer.json's model.ignore_merges; llama.cpp ties the flag to the name). It is what tells
@@ -119,6 +129,7 @@ def identify_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
 def _looks_special(text: str) -> bool:
     # Some tokenizers leave control tokens unmarked; these spellings are control tokens everywhere.
     return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))  # DeepSeek's, with full-width bars
             or (text.startswith("<unused") and text.endswith(">")))
 
 
@@ -176,6 +187,47 @@ def load_bpe(root: Path, vocab_size: int) -> Vocab:
             types.append(gguf.TokenType.NORMAL)
     special = SpecialVocab(root, load_merges=True)
     return Vocab("gpt2", pre, tokens, types, special=special)
+
+
+# the special tokens a transformers tokenizer names in its config (its all_special_tokens)
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _named_special_tokens(root: Path) -> set[str]:
+    """special_tokens_map.json's and tokenizer_config.json's named special tokens and extra ones."""
+    texts = set()
+    for config in (_read_json(root / "special_tokens_map.json"), tokenizer_config(root)):
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        extra = list(extra.values()) if isinstance(extra, dict) else extra
+        for entry in [config.get(k) for k in NAMED_SPECIAL_TOKENS] + extra:
+            if entry is not None:
+                texts.add(entry["content"] if isinstance(entry, dict) else entry)
+    return texts
+
+
+def load_sentencepiece_bpe(root: Path, model: str) -> Vocab:
+    """A SentencePiece vocabulary stored as BPE in tokenizer.json (byte fallback, the decoder a Sequence),
+    read as gguf's LlamaHfVocab reads it (Gemma 4's converter): the tokenizer's own tokens, no padding
+    to the config's size; every score -1000; <0xXX> tokens BYTE, the named special tokens CONTROL;
+    added tokens past the vocabulary USER_DEFINED unless named. Merges from tokenizer.json."""
+    path = root / "tokenizer.json"
+    tj = tokenizer_json(root)
+    bpe = tj.get("model", {})
+    if bpe.get("type") != "BPE" or not bpe.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "Sequence":
+        raise GgufkitError("expected a SentencePiece-style BPE tokenizer (byte_fallback, a Sequence decoder)", path)
+    by_id = {i: t for t, i in bpe["vocab"].items()}
+    n_base = len(by_id)
+    by_id.update({a["id"]: a["content"] for a in tj.get("added_tokens", [])})
+    if sorted(by_id) != list(range(len(by_id))):
+        raise GgufkitError("tokenizer.json's token ids are not contiguous", path)
+    specials = _named_special_tokens(root)
+    tokens = [by_id[i] for i in range(len(by_id))]
+    types = [gguf.TokenType.BYTE if i < n_base and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)
+             else gguf.TokenType.CONTROL if t in specials
+             else gguf.TokenType.NORMAL if i < n_base else gguf.TokenType.USER_DEFINED
+             for i, t in enumerate(tokens)]
+    return Vocab(model, None, tokens, types, scores=[-1000.0] * len(tokens),
+                 special=SpecialVocab(root, load_merges=True))
 
 
 def load_sentencepiece(root: Path, vocab_size: int, verbatim_added_tokens: bool = False) -> Vocab:

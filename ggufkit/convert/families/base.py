@@ -4,7 +4,8 @@ used to check a checkpoint against its config (with the variations families decl
 gate/up projections, q/k norms, extra norms, mixture-of-experts layers), how per-expert tensors
 merge into llama.cpp's 3-D ffn_*_exps tensors, Llama 3.1's RoPE scaling as a rope_freqs tensor, the
 text model of image-text checkpoints, and which tokenizer files a family reads. Families override
-only what differs."""
+only what differs; one whose checkpoints store tensors otherwise than llama.cpp takes them (fused
+experts, a fused key/value projection, MXFP4 blocks) presents them as virtual tensors in `prepare`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from typing import Iterable
 import gguf
 import numpy as np
 
+from ggufkit.convert.checkpoint import Checkpoint
 from ggufkit.convert.tokenizer import Vocab, load_vocab, tokenizer_config
+from ggufkit.errors import GgufkitError
 
 FAMILIES: dict[str, type["Family"]] = {}
 
@@ -33,16 +36,17 @@ def register(*architectures: str):
 
 @dataclass(frozen=True)
 class Experts:
-    """A mixture-of-experts layer as the checkpoint stores it: a router `<module>.gate.weight` and one
-    tensor per expert and projection, `<module>.experts.<e>.<proj>.weight`, which llama.cpp stacks
-    into one 3-D tensor per projection (experts x rows x cols: ffn_gate_exps, ffn_up_exps,
-    ffn_down_exps)."""
+    """A mixture-of-experts layer as the checkpoint stores it: a router `<module>.<router>.weight` and one
+    tensor per expert and projection, `<module>.experts.<e>.<proj>.weight` (or a family's split of its
+    fused ones, see `Family.prepare`), which llama.cpp stacks into one 3-D tensor per projection
+    (experts x rows x cols: ffn_gate_exps, ffn_up_exps, ffn_down_exps)."""
     module: str  # "mlp" (Qwen3-MoE), "block_sparse_moe" (Mixtral)
     gate: str  # the per-expert projection names
     up: str
     down: str
     ff_key: str  # the config key of one expert's hidden size
     count_key: str = "num_experts"  # the config key of the number of experts (Mixtral: num_local_experts)
+    router: str = "gate"
 
 
 def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
@@ -64,6 +68,18 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.where(wavelen < old_ctx / high, f32(1), np.where(wavelen > old_ctx / low, f32(factor), mid)).astype(f32)
 
 
+# config.json's scoring_func -> how llama.cpp weighs the chosen experts
+GATING_FUNCS = {"softmax": gguf.ExpertGatingFuncType.SOFTMAX, "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}
+
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a checkpoint tensor (or a `model.layers.<i>.` prefix) belongs to."""
+    m = LAYER.match(name)
+    return None if m is None else int(m[1])
+
+
 EXPERT = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<e>\d+)\.(?P<proj>[^.]+)\.weight$")
 
 
@@ -77,6 +93,7 @@ class Family:
     fused_gate_up = False  # one gate_up_proj (Phi-3), as llama.cpp keeps it (ffn_up, twice the rows)
     # the per-layer norms, in the checkpoint's names (Gemma's sandwich adds pre/post-FFN norms)
     layer_norms = ("input_layernorm", "post_attention_layernorm")
+    output_norm = "model.norm.weight"  # the norm before the output (LFM2: model.embedding_norm.weight)
     experts: Experts | None = None  # mixture-of-experts layers (Qwen3-MoE, Mixtral)
     llama3_rope_freqs = False  # 'llama3' RoPE scaling written as a rope_freqs tensor (Llama's family, EXAONE 4)
     # tokenizer files the family reads, in llama.cpp's converter's order of preference
@@ -87,7 +104,8 @@ class Family:
         # Multimodal wrappers keep the language model's settings under text_config.
         self.config = {**config, **config.get("text_config", {})}
         self.n_layer = self.config["num_hidden_layers"]
-        self.name_map = gguf.get_tensor_name_map(self.arch, self.n_layer)
+        self.n_block = self.n_layer  # the GGUF's blocks: the decoder layers, then any multi-token-prediction ones
+        self.name_map = gguf.get_tensor_name_map(self.arch, self.n_block)
 
     @classmethod
     def arch_name(cls) -> str:
@@ -132,14 +150,14 @@ class Family:
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
         c = self.config
-        w.add_block_count(self.n_layer)
+        w.add_block_count(self.n_block)
         if "max_position_embeddings" in c:
             w.add_context_length(c["max_position_embeddings"])
         w.add_embedding_length(c["hidden_size"])
         w.add_feed_forward_length(c["intermediate_size"])
         w.add_head_count(c["num_attention_heads"])
-        if "num_key_value_heads" in c:
-            w.add_head_count_kv(c["num_key_value_heads"])
+        if (n_head_kv := self.head_count_kv) is not None:
+            w.add_head_count_kv(n_head_kv)
         rope = self.rope
         if rope.get("rope_type") == "linear" and rope.get("factor") is not None:
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -167,9 +185,28 @@ class Family:
             w.add_expert_count(n_expert)
         if (n_used := self.config_value("num_experts_per_tok", "num_experts_per_token")) is not None:
             w.add_expert_used_count(n_used)
-        if c.get("head_dim") is not None:
-            w.add_key_length(c["head_dim"])
-            w.add_value_length(c["head_dim"])
+        if (n_groups := c.get("n_group")) is not None:  # group-limited routing (DeepSeek-V3)
+            w.add_expert_group_count(n_groups)
+        if (n_groups_used := c.get("topk_group")) is not None:
+            w.add_expert_group_used_count(n_groups_used)
+        if (scoring := c.get("scoring_func")) is not None:
+            if scoring not in GATING_FUNCS:
+                raise GgufkitError(f"unsupported scoring_func {scoring!r}; supported: {', '.join(GATING_FUNCS)}")
+            w.add_expert_gating_func(GATING_FUNCS[scoring])
+        if (lengths := self.attention_lengths) is not None:
+            w.add_key_length(lengths[0])
+            w.add_value_length(lengths[1])
+
+    @property
+    def head_count_kv(self) -> int | list[int] | None:
+        """The key/value heads llama.cpp is told of (per layer where they differ)."""
+        return self.config.get("num_key_value_heads")
+
+    @property
+    def attention_lengths(self) -> tuple[int, int] | None:
+        """The key and value head sizes llama.cpp is told of, where the config gives them."""
+        head_dim = self.config.get("head_dim")
+        return None if head_dim is None else (head_dim, head_dim)
 
     @property
     def n_expert(self) -> int | None:
@@ -181,12 +218,12 @@ class Family:
         c = self.config
         d = c["hidden_size"]
         out = {"model.embed_tokens.weight": (c["vocab_size"], d)}
-        for i in range(self.n_layer):
+        for i in range(self.n_block):
             p = f"model.layers.{i}."
             out.update(self._attention_tensors(p))
             out.update({p + norm + ".weight": (d,) for norm in self.layer_norms})
             out.update(self._ffn_tensors(p))
-        out["model.norm.weight"] = (d,)
+        out[self.output_norm] = (d,)
         if not c.get("tie_word_embeddings", False):
             out["lm_head.weight"] = (c["vocab_size"], d)
         return out
@@ -211,20 +248,25 @@ class Family:
         return out
 
     def _ffn_tensors(self, p: str) -> dict[str, tuple[int, ...]]:
-        c = self.config
-        d = c["hidden_size"]
-        if (x := self.experts) is not None:
-            ff, m = c[x.ff_key], p + x.module
-            out = {m + ".gate.weight": (self.n_expert, d)}
-            for e in range(self.n_expert):
-                out.update({f"{m}.experts.{e}.{x.gate}.weight": (ff, d), f"{m}.experts.{e}.{x.up}.weight": (ff, d),
-                            f"{m}.experts.{e}.{x.down}.weight": (d, ff)})
-            return out
-        ff = c["intermediate_size"]
+        if self.experts is not None:
+            return self._expert_tensors(p)
+        return self._mlp_tensors(p + "mlp.", self.config["intermediate_size"])
+
+    def _expert_tensors(self, p: str) -> dict[str, tuple[int, ...]]:
+        x, d = self.experts, self.config["hidden_size"]
+        ff, m = self.config[x.ff_key], p + x.module
+        out = {f"{m}.{x.router}.weight": (self.n_expert, d)}
+        for e in range(self.n_expert):
+            out.update({f"{m}.experts.{e}.{x.gate}.weight": (ff, d), f"{m}.experts.{e}.{x.up}.weight": (ff, d),
+                        f"{m}.experts.{e}.{x.down}.weight": (d, ff)})
+        return out
+
+    def _mlp_tensors(self, m: str, ff: int) -> dict[str, tuple[int, ...]]:
+        """A gated MLP under the module prefix `m` (a layer's mlp., DeepSeek's shared experts)."""
+        d = self.config["hidden_size"]
         if self.fused_gate_up:
-            return {p + "mlp.gate_up_proj.weight": (2 * ff, d), p + "mlp.down_proj.weight": (d, ff)}
-        return {p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d),
-                p + "mlp.down_proj.weight": (d, ff)}
+            return {m + "gate_up_proj.weight": (2 * ff, d), m + "down_proj.weight": (d, ff)}
+        return {m + "gate_proj.weight": (ff, d), m + "up_proj.weight": (ff, d), m + "down_proj.weight": (d, ff)}
 
     def layout(self, hf_names: Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
         """The GGUF tensors made from these checkpoint tensors, in order: (GGUF name, its sources).
@@ -237,6 +279,11 @@ class Family:
             key = f"{m['prefix']}{m['proj']}.weight" if m else name
             groups.setdefault(key, []).append((int(m["e"]) if m else 0, name))
         return [(self.gguf_name(key), tuple(n for _, n in sorted(members))) for key, members in groups.items()]
+
+    def prepare(self, ckpt: Checkpoint) -> None:
+        """Present the checkpoint's tensors as `expected_tensors` names them: the language model's
+        (`checkpoint_name`); families whose checkpoints fuse tensors split them here."""
+        ckpt.rename(self.checkpoint_name)
 
     def checkpoint_name(self, name: str) -> str | None:
         """The language model's name for a checkpoint tensor, or None for a tensor of another part
