@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = (
     ("ggufkit", "errors", "progress", "gguffile", "kquants", "models"),  # "ggufkit": the package's __init__
     ("mixtures", "budget", "gptq"),
-    ("convert", "runtime"),
+    ("convert", "runtime", "qat"),  # qat: training on the Hugging Face side
     ("commands",),
     ("cli", "__main__"),
 )

@@ -265,9 +265,9 @@ def llama_cpp_vocab(name: str, folder: Path) -> dict:
     return kv
 
 
-def numpy_llama(folder: Path, seed: int = 0) -> Path:
-    """A Llama checkpoint of 2 layers with random weights, and a byte-level BPE vocabulary (GPT-2's
-    256 byte characters, two merges, an end-of-text token): llama.cpp runs it."""
+def numpy_llama(folder: Path, seed: int = 0, d: int = 64, ff: int = 128) -> Path:
+    """A Llama checkpoint of 2 layers with random weights (width d, feed-forward ff), and a byte-level
+    BPE vocabulary (GPT-2's 256 byte characters, two merges, an end-of-text token): llama.cpp runs it."""
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
     moved = [b for b in range(256) if b not in printable]  # GPT-2 maps the other bytes past 255
     tokens = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(moved))] + ["\u0120t", "he"]
@@ -278,7 +278,7 @@ def numpy_llama(folder: Path, seed: int = 0) -> Path:
     tokenizer = {"version": "1.0", "added_tokens": [special], "normalizer": None, "pre_tokenizer": byte_level,
                  "post_processor": None, "decoder": byte_level,
                  "model": {"type": "BPE", "vocab": vocab, "merges": ["\u0120 t", "h e"]}}
-    d, ff, heads, kv_heads, n = 64, 128, 4, 2, len(vocab)
+    heads, kv_heads, n = 4, 2, len(vocab)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
               "intermediate_size": ff, "num_hidden_layers": 2, "num_attention_heads": heads,
               "num_key_value_heads": kv_heads, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,

@@ -7,11 +7,11 @@ import argparse
 import sys
 
 from ggufkit import __version__
-from ggufkit.cli import convert, models, quantize, report, runtime
+from ggufkit.cli import convert, models, qat, quantize, report, runtime
 from ggufkit.errors import GgufkitError
 
 # Modules exposing `register(subparsers)`, in the order `ggufkit --help` lists their commands.
-COMMAND_MODULES = (convert, quantize, runtime, report, models)
+COMMAND_MODULES = (convert, quantize, qat, runtime, report, models)
 
 
 def build_parser() -> argparse.ArgumentParser:
