@@ -152,6 +152,13 @@ def test_qat_command_writes_a_file_llama_cpp_runs(tiny, tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     assert "Q4_K" in capsys.readouterr().out
     assert main(["generate", str(out), "-p", "the", "-n", "4"]) == 0
+    capsys.readouterr()
+    again = tmp_path / "again.gguf"  # starting from a given file: its weights are step 0's
+    assert main(["qat", str(ckpt), "-o", str(again), "--type", "Q4_K_M", "--text", str(text), "--steps", "1",
+                 "--seq", "64", "--batch", "2", "--heldout", "2", "--imatrix-chunks", "2", "--init", str(out),
+                 "--json"]) == 0
+    kl = dict(report["heldout_kl"])[report["best_step"]]
+    assert json.loads(capsys.readouterr().out)["heldout_kl"][0][1] == pytest.approx(kl, rel=0.05)
 
 
 def test_qat_bad_inputs(tiny, tmp_path, capsys):
@@ -164,6 +171,8 @@ def test_qat_bad_inputs(tiny, tmp_path, capsys):
     assert main([*args, "--text", str(text), "--resume", str(tmp_path / "nostate"), "--imatrix-chunks", "1",
                  "--init", "ggml", "--seq", "64", "--heldout", "1"]) == 1
     assert "no saved qat state" in capsys.readouterr().err
+    assert main([*args, "--text", str(text), "--init", str(tmp_path / "nothing.gguf")]) == 1
+    assert "neither gptq nor ggml nor a GGUF file" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
     out.write_bytes(b"keep")
     assert main([*args, "--text", str(text)]) == 1

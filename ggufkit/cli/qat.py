@@ -16,7 +16,7 @@ def cmd_qat(args) -> int:
 
     settings = Settings(steps=args.steps, lr=args.lr, seq=args.seq, batch=args.batch, ce_weight=args.ce_weight,
                         eval_every=args.eval_every, heldout=args.heldout, device=args.device, seed=args.seed)
-    report = qat_command(args.src, args.output, args.type, args.text, settings, init=args.init,
+    report = qat_command(args.src, args.output, args.type, args.text, settings, init=args.init, imatrix=args.imatrix,
                          chunks=args.imatrix_chunks or None, threads=args.threads, force=args.force,
                          resume=args.resume)
     if args.json:
@@ -74,8 +74,11 @@ def register(sub) -> None:
                    help="steps between held-out evaluations (default 25)")
     p.add_argument("--heldout", type=_positive(int), default=4, metavar="N",
                    help="windows at the end of the text kept out of training to pick the best state (default 4)")
-    p.add_argument("--init", choices=INITS, default="gptq",
-                   help="start from error feedback's file (gptq, default) or from ggml's rounding of the checkpoint")
+    p.add_argument("--init", default="gptq", metavar="|".join(INITS) + "|FILE.gguf",
+                   help="start from error feedback's file (gptq, default), from ggml's rounding of the checkpoint "
+                   "(ggml), or from the weights of a GGUF of the same model (your best file so far)")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix to use (with Hessians for --init gptq: "
+                   "`ggufkit imatrix --hessian`) instead of measuring one on the training text")
     p.add_argument("--imatrix-chunks", type=int, default=DEFAULT_CALIBRATION_CHUNKS, metavar="N",
                    help=f"windows of 512 of the text measured for the importance matrix (default "
                    f"{DEFAULT_CALIBRATION_CHUNKS}; 0: all)")

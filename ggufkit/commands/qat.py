@@ -21,14 +21,16 @@ from ggufkit.convert.families import family_for
 from ggufkit.convert.pipeline import MIXTURE_TYPES, PlannedTensor, convert, plan
 from ggufkit.convert.safetensors_out import write_safetensors
 from ggufkit.errors import GgufkitError
-from ggufkit.gguffile.imatrix import weights_for
+from ggufkit.gguffile.imatrix import read_imatrix, weights_for
 from ggufkit.gguffile.reader import read_header, tensor_data
 from ggufkit.gguffile.writer import refuse_overwrite
 from ggufkit.kquants import dequantize
 from ggufkit.mixtures import FLOAT_TYPES
 from ggufkit.runtime.imatrix import collect
 
-INITS = ("gptq", "ggml")  # start from error feedback's file, or from the checkpoint (ggml's rounding)
+# Where training starts: error feedback's file, or the checkpoint itself (ggml's rounding of it);
+# a path instead names a GGUF of the same model (any types) whose weights to start from.
+INITS = ("gptq", "ggml")
 
 
 @dataclass
@@ -43,12 +45,13 @@ class QatReport:
     train_seconds: float
 
 
-def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq", ctx: int = 512,
+def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq", imatrix=None, ctx: int = 512,
                 chunks: int | None = DEFAULT_CALIBRATION_CHUNKS, threads: int | None = None, force: bool = False,
                 resume=None, state_dir=None) -> QatReport:
     """Train `src` onto the grids of the mixture `out_type` on `texts` and write the GGUF `out`.
-    `settings`: qat.train.Settings. Ctrl-C saves the training state in `state_dir` (default: beside
-    the output) for `resume`."""
+    `settings`: qat.train.Settings; `init`: INITS or a GGUF path; `imatrix`: an importance matrix
+    file (with Hessians for gptq) instead of measuring one on `texts`. Ctrl-C saves the training
+    state in `state_dir` (default: beside the output) for `resume`."""
     try:
         from ggufkit.qat.fakequant import quantizers
         from ggufkit.qat.train import Settings, train
@@ -59,8 +62,8 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
     out, out_type = Path(out), out_type.upper()
     if out_type not in MIXTURE_TYPES:
         raise GgufkitError(f"qat trains onto a mixture's grids ({', '.join(MIXTURE_TYPES)}), not --type {out_type}")
-    if init not in INITS:
-        raise GgufkitError(f"unknown --init {init!r}; choose from {', '.join(INITS)}")
+    if init not in INITS and not Path(init).is_file():
+        raise GgufkitError(f"--init {init!r} is neither {' nor '.join(INITS)} nor a GGUF file")
     texts = [Path(t) for t in texts]
     for t in texts:
         if not t.is_file():
@@ -71,9 +74,12 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".ggufkit-qat-", dir=out.parent) as tmp:
         tmp = Path(tmp)
-        base = convert(src, tmp / "base.gguf", out_type=lossless_type(src))
-        imatrix = collect(base, texts, ctx=ctx, chunks=chunks, threads=threads, hessians=init == "gptq")
-        imatrix.datasets = [t.name for t in texts]
+        if imatrix is None:
+            base = convert(src, tmp / "base.gguf", out_type=lossless_type(src))
+            imatrix = collect(base, texts, ctx=ctx, chunks=chunks, threads=threads, hessians=init == "gptq")
+            imatrix.datasets = [t.name for t in texts]
+        else:
+            imatrix = read_imatrix(imatrix)
         ckpt = open_checkpoint(src)
         fam = family_for(ckpt.config, ckpt.root / "config.json")
         fam.prepare(ckpt)
@@ -84,8 +90,10 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
         fq = quantizers(fam, tensors, weights, full, src)
         start = None
         if init == "gptq":
-            ptq = convert(src, tmp / "ptq.gguf", out_type=out_type, imatrix=imatrix, method="gptq")
-            start = _file_weights(ptq, fam, tensors, full)
+            start = _file_weights(convert(src, tmp / "ptq.gguf", out_type=out_type, imatrix=imatrix, method="gptq"),
+                                  fam, tensors, full)
+        elif init != "ggml":
+            start = _file_weights(Path(init), fam, tensors, full)
         result = train(src, fq, texts, settings, init=start, state_dir=state_dir, resume=resume)
         trained = _write_checkpoint(src, tmp / src.name, ckpt, result.weights)
         written = convert(trained, tmp / "out.gguf", out_type=out_type, imatrix=imatrix, method="ggml", qat=False)
@@ -106,7 +114,10 @@ def _file_weights(path: Path, fam, tensors: list[PlannedTensor], full) -> dict[s
     for t in tensors:
         if t.hf_name is None:
             continue
-        info = by_name[t.gguf_name]
+        info = by_name.get(t.gguf_name)
+        if info is None or tuple(reversed(info.shape)) != t.shape:
+            raise GgufkitError(f"not a GGUF of this model: {t.gguf_name} is "
+                               f"{'missing' if info is None else f'of shape {list(reversed(info.shape))}'}", path)
         x = dequantize(tensor_data(header, info), info.type).reshape(t.shape)
         for expert, hf_name in enumerate(t.sources):
             part = x[expert] if len(t.sources) > 1 else x
