@@ -17,8 +17,11 @@ $(VENV)/.setup: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The chat page test drives Debian's chromium through its chromedriver (never a downloaded browser).
 $(VENV)/.setup-test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test]'
+	test -x /usr/bin/chromedriver || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	touch $(VENV)/.setup $@
 
 setup: $(VENV)/.setup

@@ -136,7 +136,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                        description="Serve MODEL.gguf with llama-cpp-python's OpenAI-compatible server "
-                       "(/v1/chat/completions, /v1/completions, /v1/models).")
+                       "(/v1/chat/completions, /v1/completions, /v1/models), and a chat page at / "
+                       "(open http://HOST:PORT/ in a browser: streamed replies with the model's chat "
+                       "template, a system prompt, a stop button; it needs no network).")
     p.add_argument("model", metavar="MODEL.gguf")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")

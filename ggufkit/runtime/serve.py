@@ -1,8 +1,13 @@
-"""`ggufkit serve`: an OpenAI-compatible HTTP server (llama-cpp-python's) for one GGUF."""
+"""`ggufkit serve`: an OpenAI-compatible HTTP server (llama-cpp-python's) for one GGUF, and a chat
+page at / that talks to it."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.resources
 import ipaddress
+import re
 import sys
 
 from ggufkit.runtime.load import DEFAULT_CTX, check_model, default_threads
@@ -17,11 +22,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def chat_page() -> tuple[str, str]:
+    """The chat page's HTML and a Content-Security-Policy for it: only its own inline script (by hash)
+    runs, and it may connect only to this server, so the page loads nothing from elsewhere and markup
+    that got into a reply could run nothing."""
+    html = importlib.resources.files("ggufkit.runtime").joinpath("chat_page.html").read_text(encoding="utf-8")
+    script = re.search(r"<script>(.*?)</script>", html, re.DOTALL).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    csp = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'")
+    return html, csp
+
+
 def serve(model, host: str = "127.0.0.1", port: int = 8000, ctx: int = DEFAULT_CTX, n_gpu_layers: int = 0,
           threads: int | None = None, api_key: str | None = None) -> None:
-    """Serve `model` at http://host:port/v1 until interrupted."""
+    """Serve `model` at http://host:port/v1, and the chat page at http://host:port/, until interrupted."""
     header = check_model(model, n_gpu_layers)
     import uvicorn
+    from fastapi.responses import HTMLResponse
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
@@ -37,5 +55,13 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, ctx: int = DEFAULT_C
                                       n_gpu_layers=n_gpu_layers, n_threads=n, n_threads_batch=n,
                                       chat_format=chat_format, verbose=False)],
     )
-    print(f"ggufkit serve: {header.path.name} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    html, csp = chat_page()
+
+    # Open without the API key: the page holds no secrets, and asks for the key when the API wants it.
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(html, headers={"Content-Security-Policy": csp})
+
+    print(f"ggufkit serve: {header.path.name} at http://{host}:{port}/v1, chat page at "
+          f"http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
