@@ -154,6 +154,30 @@ def llama_tool(name: str) -> Path:
     return llama_tools(name)[0]
 
 
+def llama_rpc() -> tuple[Path, Path]:
+    """(ggml-rpc-server, libggml-rpc.so) from the vendored llama.cpp, built once with cmake.
+
+    A build folder of its own: GGML_RPC adds a public compile definition to ggml, so turning it on in
+    llama_tools' build would rebuild (and could change) every tool. Backends stay linked in
+    (GGML_BACKEND_DL=OFF), since ggml refuses GGML_NATIVE with loadable backends: the server's CPU
+    backend is then built as the tools' and llama-cpp-python's are, and computes as they do. The
+    shared libggml-rpc.so exports ggml_backend_rpc_reg, which ggufkit registers in the
+    llama-cpp-python process (GGUFKIT_GGML_RPC), where it binds to the libggml-base already loaded
+    there by its soname."""
+    src = llama_cpp_source()
+    build = cache_dir() / "llama.cpp-rpc-build"
+    server, lib = build / "bin" / "ggml-rpc-server", build / "bin" / "libggml-rpc.so"
+    if not (server.exists() and lib.exists()):
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=ON",
+                        "-DGGML_RPC=ON", "-DGGML_RPC_RDMA=OFF"],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",
+                        "ggml-rpc-server"], check=True, stdout=subprocess.DEVNULL)
+    return server, lib
+
+
 def hf_to_gguf(model_dir: Path, outfile: Path, outtype: str) -> Path:
     """Run llama.cpp's own convert_hf_to_gguf.py (needs torch and transformers, test-only)."""
     uses("torch")

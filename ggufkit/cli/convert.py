@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ggufkit.cli.quantize import add_budget_arguments, add_method_argument
+from ggufkit.cli.runtime import add_rpc_argument
 from ggufkit.commands.convert import DEFAULT_CALIBRATION_CHUNKS
 from ggufkit.gguffile.split import parse_size
 
@@ -19,7 +20,7 @@ def cmd_convert(args) -> int:
                           n_gpu_layers=args.n_gpu_layers, threads=args.threads, force=args.force,
                           allow_nonfinite=args.allow_nonfinite, qat=args.qat == "auto",
                           split_max_size=parse_size(args.split_max_size) if args.split_max_size else 0,
-                          allow_missing=args.allow_missing, target=target, method=args.method))
+                          allow_missing=args.allow_missing, target=target, method=args.method, rpc=args.rpc))
     return 0
 
 
@@ -70,6 +71,7 @@ def register(sub) -> None:
     p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
                    help="layers offloaded while measuring the imatrix (-1: all)")
     p.add_argument("-t", "--threads", type=int, metavar="N", help="threads for the calibration run, and quantizing workers (default: all cores)")
+    add_rpc_argument(p, "with --calibration: measure the importance matrix on these ggml-rpc-servers")
     p.add_argument("--allow-missing", action="store_true",
                    help="quantize tensors the imatrix has no entry for without one, instead of failing")
     p.add_argument("--qat", default="auto", choices=["auto", "off"],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ggufkit.cli.runtime import add_rpc_argument
+
 
 def cmd_quantize(args) -> int:
     from ggufkit.budget import parse_target
@@ -24,7 +26,7 @@ def cmd_imatrix(args) -> int:
 
     run = imatrix(args.model, args.text, args.output, ctx=args.ctx, chunks=args.chunks,
                   process_output=args.process_output, n_gpu_layers=args.n_gpu_layers, threads=args.threads,
-                  force=args.force, hessians=args.hessian)
+                  force=args.force, hessians=args.hessian, rpc=args.rpc)
     print(f"{run.path}: {run.entries} entries from {run.chunks} chunks ({run.tokens} tokens) "
           f"in {run.seconds:.1f} s ({run.tokens / max(run.seconds, 1e-9):.0f} tokens/s)")
     return 0
@@ -105,5 +107,6 @@ def register(sub) -> None:
                    "for `ggufkit quantize --method gptq`; llama-quantize still reads the file as a plain imatrix")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=0, help="layers to offload, -1 for all")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores)")
+    add_rpc_argument(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_imatrix)

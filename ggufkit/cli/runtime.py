@@ -3,6 +3,7 @@ options and calls the plain function."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict
 
@@ -21,7 +22,23 @@ from ggufkit.runtime.perplexity import DEFAULT_BATCH as WINDOW_BATCH
 from ggufkit.runtime.perplexity import DEFAULT_CTX as WINDOW_CTX
 from ggufkit.runtime.perplexity import perplexity
 from ggufkit.runtime.perplexity import report as perplexity_report
+from ggufkit.runtime.rpc import parse_servers
 from ggufkit.runtime.serve import serve
+
+
+def _servers(value: str) -> list[str]:
+    try:
+        return parse_servers(value)
+    except GgufkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--rpc: ")) from None
+
+
+def add_rpc_argument(p, what: str = "run the model's layers on these ggml-rpc-servers") -> None:
+    """--rpc, for every command that runs a model through llama.cpp."""
+    p.add_argument("--rpc", type=_servers, default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help=f"{what} (llama.cpp's RPC backend, for a model too large for this machine): all "
+                   "layers go to them unless --n-gpu-layers says how many. Needs a llama-cpp-python built "
+                   "with GGML_RPC, or GGUFKIT_GGML_RPC (README: RPC)")
 
 
 def _model_options(p, ctx: int) -> None:
@@ -29,6 +46,7 @@ def _model_options(p, ctx: int) -> None:
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=0,
                    help="layers to offload to the GPU, -1 for all (default: 0)")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores)")
+    add_rpc_argument(p)
 
 
 def _sampling_options(p) -> None:
@@ -51,26 +69,27 @@ def _print(result, as_json: bool, report) -> None:
 
 def cmd_chat(args) -> int:
     chat(args.model, system=args.system, ctx=args.ctx, max_tokens=args.n_predict, n_gpu_layers=args.n_gpu_layers,
-         threads=args.threads, sampling=_sampling(args), seed=args.seed)
+         threads=args.threads, sampling=_sampling(args), seed=args.seed, rpc=args.rpc)
     return 0
 
 
 def cmd_generate(args) -> int:
     generate(args.model, args.prompt, n_predict=args.n_predict, chat=args.chat, system=args.system, ctx=args.ctx,
-             n_gpu_layers=args.n_gpu_layers, threads=args.threads, sampling=_sampling(args), seed=args.seed)
+             n_gpu_layers=args.n_gpu_layers, threads=args.threads, sampling=_sampling(args), seed=args.seed,
+             rpc=args.rpc)
     print()
     return 0
 
 
 def cmd_serve(args) -> int:
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx, n_gpu_layers=args.n_gpu_layers,
-          threads=args.threads, api_key=args.api_key)
+          threads=args.threads, api_key=args.api_key, rpc=args.rpc)
     return 0
 
 
 def cmd_perplexity(args) -> int:
     result = perplexity(args.model, args.text, ctx=args.ctx, chunks=args.chunks, batch=args.batch,
-                        n_gpu_layers=args.n_gpu_layers, threads=args.threads)
+                        n_gpu_layers=args.n_gpu_layers, threads=args.threads, rpc=args.rpc)
     _print(result, args.json, perplexity_report)
     return 0
 
@@ -83,7 +102,7 @@ def cmd_kld(args) -> int:
     base = args.models[0] if len(args.models) == 2 else None
     result = kld(base, args.models[-1], args.text, ctx=args.ctx, chunks=args.chunks, batch=args.batch,
                  save_base=args.save_base, base_logits=args.base_logits, n_gpu_layers=args.n_gpu_layers,
-                 threads=args.threads)
+                 threads=args.threads, rpc=args.rpc)
     _print(result, args.json, kld_report)
     return 0
 
@@ -109,6 +128,7 @@ def _window_options(p) -> None:
                    f"windows at once (default: {WINDOW_BATCH})")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=0, help="layers to offload, -1 for all (default: 0)")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores)")
+    add_rpc_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -40,10 +40,10 @@ DEFAULT_CALIBRATION_CHUNKS = 16
 
 def convert_calibrated(src, out, out_type: str, texts=(), ctx: int = 512, chunks: int | None = DEFAULT_CALIBRATION_CHUNKS,
                        n_gpu_layers: int = 0, threads: int | None = None, force: bool = False,
-                       method: str = DEFAULT_METHOD, **convert_kwargs) -> Path:
+                       method: str = DEFAULT_METHOD, rpc=None, **convert_kwargs) -> Path:
     """Convert `src` to the mixture `out_type` with an importance matrix measured on `texts` (paths;
-    default: the shipped calibration text), rounded by `method` (METHODS). Other keyword arguments
-    go to `convert`."""
+    default: the shipped calibration text; measured on the ggml-rpc-servers `rpc` if given), rounded
+    by `method` (METHODS). Other keyword arguments go to `convert`."""
     out = Path(out)
     out_type = out_type.upper()
     check_method(method)
@@ -57,7 +57,7 @@ def convert_calibrated(src, out, out_type: str, texts=(), ctx: int = 512, chunks
         base = convert(src, Path(tmp) / "model.gguf", out_type=lossless_type(src),
                        allow_nonfinite=convert_kwargs.get("allow_nonfinite", False))
         imatrix = collect(base, texts, ctx=ctx, chunks=chunks or None, n_gpu_layers=n_gpu_layers, threads=threads,
-                          hessians=method == "gptq")
+                          hessians=method == "gptq", rpc=rpc)
         # the model's quantize.imatrix.dataset names the text, not where it lay on this machine
         imatrix.datasets = [t.name for t in texts]
         return convert(src, out, out_type=out_type, force=force, imatrix=imatrix, method=method, **convert_kwargs)
@@ -65,7 +65,7 @@ def convert_calibrated(src, out, out_type: str, texts=(), ctx: int = 512, chunks
 
 def convert_command(src, out, out_type: str = "F16", calibration=None, imatrix=None, calibration_ctx: int = 512,
                     calibration_chunks: int | None = DEFAULT_CALIBRATION_CHUNKS, n_gpu_layers: int = 0, threads: int | None = None,
-                    method: str = DEFAULT_METHOD, **convert_kwargs) -> Path:
+                    method: str = DEFAULT_METHOD, rpc=None, **convert_kwargs) -> Path:
     """What `ggufkit convert` does: `convert`, or `convert_calibrated` when `calibration` is a list
     of texts (empty: the shipped one); the --qat report, a budget's choices (`target`) and a mixture's
     type table go to stderr. Other keyword arguments go to `convert`."""
@@ -74,10 +74,12 @@ def convert_command(src, out, out_type: str = "F16", calibration=None, imatrix=N
     convert_kwargs["plans"] = plans
     if calibration is not None and imatrix is not None:
         raise GgufkitError("give --imatrix or --calibration, not both")
+    if rpc and calibration is None:
+        raise GgufkitError("--rpc runs the --calibration measurement; without --calibration it has nothing to do")
     if calibration is not None:
         out = convert_calibrated(src, out, out_type, calibration, ctx=calibration_ctx, chunks=calibration_chunks,
                                  n_gpu_layers=n_gpu_layers, threads=threads, report=report, method=method,
-                                 **convert_kwargs)
+                                 rpc=rpc, **convert_kwargs)
     else:
         if out_type in MIXTURE_TYPES and imatrix is None:
             print(f"ggufkit: quantizing to {out_type} without an importance matrix "

@@ -106,11 +106,11 @@ def command(line: str, conv: Conversation, write: Callable[[str], None]) -> bool
 
 def chat(model, system: str | None = None, ctx: int = DEFAULT_CTX, max_tokens: int | None = None,
          n_gpu_layers: int = 0, threads: int | None = None, sampling: Sampling = Sampling(), seed: int | None = None,
-         read: Callable[[str], str] = input, write: Callable[[str], None] = write_stdout) -> None:
+         read: Callable[[str], str] = input, write: Callable[[str], None] = write_stdout, rpc=None) -> None:
     """Chat with `model` until /exit or end of input; replies stop at `max_tokens` or a full context."""
     import readline  # noqa: F401  (gives input() line editing and history)
 
-    llm = load(model, n_ctx=ctx, n_gpu_layers=n_gpu_layers, threads=threads,
+    llm = load(model, n_ctx=ctx, n_gpu_layers=n_gpu_layers, threads=threads, rpc=rpc,
                **({} if seed is None else {"seed": seed}))
     if not llm.metadata.get("tokenizer.chat_template"):
         raise GgufkitError("this GGUF has no chat template (tokenizer.chat_template); use generate", model)

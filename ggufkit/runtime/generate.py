@@ -102,9 +102,9 @@ def write_stdout(text: str) -> None:
 def generate(model, prompt: str, n_predict: int = 256, chat: bool = False, system: str | None = None,
              ctx: int = DEFAULT_CTX, n_gpu_layers: int = 0, threads: int | None = None,
              sampling: Sampling = Sampling(), seed: int | None = None,
-             write: Callable[[str], None] = write_stdout) -> Reply:
+             write: Callable[[str], None] = write_stdout, rpc=None) -> Reply:
     """Continue `prompt` (or, with chat=True, answer it as a user message) and stream the text."""
-    llm = load(model, n_ctx=ctx, n_gpu_layers=n_gpu_layers, threads=threads,
+    llm = load(model, n_ctx=ctx, n_gpu_layers=n_gpu_layers, threads=threads, rpc=rpc,
                **({} if seed is None else {"seed": seed}))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

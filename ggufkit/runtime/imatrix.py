@@ -228,11 +228,12 @@ class ImatrixRun:
 def collect(model, texts, ctx: int = DEFAULT_CTX, chunks: int | None = None, process_output: bool = False,
             n_gpu_layers: int = 0, threads: int | None = None,
             on_windows: tuple[tuple[int, ...], Callable[[Imatrix], None]] | None = None,
-            hessians: bool = False) -> Imatrix:
+            hessians: bool = False, rpc=None) -> Imatrix:
     """The importance matrix of `model` over the concatenated `texts` (paths), with the input
     Hessians of its 2-D weights if `hessians`. `on_windows` = (counts, callback): the callback also
     gets the matrix of the first n windows for each n in counts (one pass gives a whole curve of
-    calibration sizes)."""
+    calibration sizes). `rpc`: ggml-rpc-servers (HOST:PORT) to run the model on (the activations
+    then come back over the network)."""
     if ctx < MIN_ROWS:
         raise GgufkitError(f"--ctx {ctx} is too small (llama-imatrix ignores batches under {MIN_ROWS} tokens)")
     texts = [Path(t) for t in texts]
@@ -240,7 +241,7 @@ def collect(model, texts, ctx: int = DEFAULT_CTX, chunks: int | None = None, pro
     collector = Collector(process_output, hessians)
     # one window per batch, in physical batches of llama-imatrix's default 512
     with Session(model, n_ctx=ctx, n_batch=ctx, n_gpu_layers=n_gpu_layers, threads=threads,
-                 cb_eval=collector.callback) as s:
+                 cb_eval=collector.callback, rpc=rpc) as s:
         windows = split_windows(s.tokenize(data), ctx, chunks, texts[0])
         if s.bos is not None:
             windows[:, 0] = s.bos
@@ -266,13 +267,13 @@ def collect(model, texts, ctx: int = DEFAULT_CTX, chunks: int | None = None, pro
 
 def imatrix(model, texts, out="imatrix.gguf", ctx: int = DEFAULT_CTX, chunks: int | None = None,
             process_output: bool = False, n_gpu_layers: int = 0, threads: int | None = None,
-            force: bool = False, hessians: bool = False) -> ImatrixRun:
+            force: bool = False, hessians: bool = False, rpc=None) -> ImatrixRun:
     """Collect and write the GGUF imatrix llama-quantize --imatrix reads (with `hessians`, carrying
     the input Hessians for ggufkit's error feedback too)."""
     out = Path(out)
     refuse_overwrite(out, force)
     start = time.perf_counter()
-    result = collect(model, texts, ctx, chunks, process_output, n_gpu_layers, threads, hessians=hessians)
+    result = collect(model, texts, ctx, chunks, process_output, n_gpu_layers, threads, hessians=hessians, rpc=rpc)
     path = write_imatrix(result, out)
     return ImatrixRun(path, len(result.entries), result.chunk_count, result.chunk_count * ctx,
                       time.perf_counter() - start)

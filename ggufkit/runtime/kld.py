@@ -74,13 +74,14 @@ class BaseLogits:
 
 
 def save_base_logits(base, text, out, ctx: int = DEFAULT_CTX, chunks: int | None = None,
-                     batch: int = DEFAULT_BATCH, n_gpu_layers: int = 0, threads: int | None = None) -> Path:
+                     batch: int = DEFAULT_BATCH, n_gpu_layers: int = 0, threads: int | None = None,
+                     rpc=None) -> Path:
     """Run `base` over the perplexity windows of `text`; write its log-probs to `out`."""
     data = read_text(text)
     n_seq, n_batch = batch_layout(ctx, batch)
     out = Path(out)
     with Session(base, n_ctx=ctx, n_batch=n_batch, n_seq=n_seq, n_gpu_layers=n_gpu_layers,
-                 threads=threads) as session, open(out, "wb") as f:
+                 threads=threads, rpc=rpc) as session, open(out, "wb") as f:
         windows = split_windows(session.tokenize(data), ctx, chunks, text)
         f.write(MAGIC + np.array([ctx, session.n_vocab, len(windows)], "<i4").tobytes())
         f.write(windows.astype("<i4").tobytes())
@@ -166,7 +167,7 @@ class KldResult:
 
 
 def compare(model, base_logits, chunks: int | None = None, batch: int = DEFAULT_BATCH, n_gpu_layers: int = 0,
-            threads: int | None = None, stats: KldStats | None = None) -> KldResult:
+            threads: int | None = None, stats: KldStats | None = None, rpc=None) -> KldResult:
     """KL divergence of `model` from the base log-probs stored in `base_logits`. `stats`, when given,
     is filled in place (its `kld_values` keep the per-token divergences, for paired comparisons)."""
     t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def compare(model, base_logits, chunks: int | None = None, batch: int = DEFAULT_
     n_seq, n_batch = batch_layout(ref.n_ctx, batch)
     stats = KldStats() if stats is None else stats
     with Session(model, n_ctx=ref.n_ctx, n_batch=n_batch, n_seq=n_seq, n_gpu_layers=n_gpu_layers,
-                 threads=threads) as session:
+                 threads=threads, rpc=rpc) as session:
         if session.n_vocab != ref.n_vocab:
             raise GgufkitError(f"vocabulary of {session.n_vocab} tokens, but the base logits have "
                                f"{ref.n_vocab}", model)
@@ -186,10 +187,12 @@ def compare(model, base_logits, chunks: int | None = None, batch: int = DEFAULT_
 
 
 def kld(base, model, text=None, ctx: int = DEFAULT_CTX, chunks: int | None = None, batch: int = DEFAULT_BATCH,
-        save_base=None, base_logits=None, n_gpu_layers: int = 0, threads: int | None = None) -> KldResult:
+        save_base=None, base_logits=None, n_gpu_layers: int = 0, threads: int | None = None,
+        rpc=None) -> KldResult:
     """KL divergence of `model` from `base` on `text`; or from stored `base_logits` (then base and
-    text are not needed). `save_base` keeps the base log-probs for later runs."""
-    run = dict(batch=batch, n_gpu_layers=n_gpu_layers, threads=threads)
+    text are not needed). `save_base` keeps the base log-probs for later runs; `rpc`: ggml-rpc-servers
+    (HOST:PORT) to run both models on."""
+    run = dict(batch=batch, n_gpu_layers=n_gpu_layers, threads=threads, rpc=rpc)
     if base_logits is not None:
         return compare(model, base_logits, chunks, **run)
     if base is None or text is None:

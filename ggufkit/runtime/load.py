@@ -44,8 +44,16 @@ def ggml_library(name: str) -> ctypes.CDLL:
     LLAMA_CPP_LIB_PATH, llama-cpp-python's switch to another llama.cpp build), so that one build of
     ggml serves the whole process."""
     llama_cpp = _llama_cpp()
-    folder = os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib"
-    return ctypes.CDLL(str(Path(folder) / name))
+    folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+    # The wheel stores libggml.so, .so.0 and .so.0.x as copies, not links, and loading another copy
+    # by path gives a second ggml (its own backend registry, which libllama never sees): take the
+    # one already loaded under its soname (libggml.so.0, the shortest versioned name) where there is one.
+    for versioned in sorted(folder.glob(f"{name}.*"), key=lambda p: len(p.name)):
+        try:
+            return ctypes.CDLL(versioned.name, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+        except OSError:
+            continue
+    return ctypes.CDLL(str(folder / name))
 
 
 def llama_error(default: str) -> str:
@@ -69,16 +77,21 @@ def default_threads(threads: int | None) -> int:
     return threads or os.cpu_count() or 1
 
 
-def load(path, n_ctx: int = DEFAULT_CTX, n_gpu_layers: int = 0, threads: int | None = None, **kwargs):
-    """A `llama_cpp.Llama` for `path` (n_gpu_layers=-1 offloads all layers); kwargs go to `Llama`."""
-    check_model(path, n_gpu_layers)
-    llama_cpp = _llama_cpp()
-    n = default_threads(threads)
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n,
-                               n_threads_batch=n, verbose=False, **kwargs)
-    except ValueError as exc:  # llama-cpp-python reports every load failure as ValueError
-        raise GgufkitError(f"llama.cpp could not load it: {llama_error(str(exc))}", path) from None
+def load(path, n_ctx: int = DEFAULT_CTX, n_gpu_layers: int = 0, threads: int | None = None, rpc=None, **kwargs):
+    """A `llama_cpp.Llama` for `path` (n_gpu_layers=-1 offloads all layers; with `rpc`, HOST:PORTs of
+    ggml-rpc-servers, 0 does too); kwargs go to `Llama`."""
+    from ggufkit.runtime.rpc import offloaded_layers, rpc_devices
+
+    n_gpu_layers = offloaded_layers(n_gpu_layers, rpc)
+    with rpc_devices(rpc):
+        check_model(path, n_gpu_layers)
+        llama_cpp = _llama_cpp()
+        n = default_threads(threads)
+        try:
+            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n,
+                                   n_threads_batch=n, verbose=False, **kwargs)
+        except ValueError as exc:  # llama-cpp-python reports every load failure as ValueError
+            raise GgufkitError(f"llama.cpp could not load it: {llama_error(str(exc))}", path) from None
 
 
 class Session:
@@ -86,9 +99,17 @@ class Session:
     sequences, and get logits back only for the positions that asked for them."""
 
     def __init__(self, path, *, n_ctx: int, n_batch: int, n_seq: int = 1, n_ubatch: int = 512,
-                 n_gpu_layers: int = 0, threads: int | None = None, cb_eval=None):
+                 n_gpu_layers: int = 0, threads: int | None = None, cb_eval=None, rpc=None):
         """n_ctx is per sequence; cb_eval, a `llama_cpp.ggml_backend_sched_eval_callback`, sees
-        every graph node (llama.cpp only takes it when the context is created)."""
+        every graph node (llama.cpp only takes it when the context is created); rpc: HOST:PORTs of
+        ggml-rpc-servers to offload to (all layers unless n_gpu_layers says otherwise)."""
+        from ggufkit.runtime.rpc import offloaded_layers, rpc_devices
+
+        n_gpu_layers = offloaded_layers(n_gpu_layers, rpc)
+        with rpc_devices(rpc):
+            self._open(path, n_ctx, n_batch, n_seq, n_ubatch, n_gpu_layers, threads, cb_eval)
+
+    def _open(self, path, n_ctx, n_batch, n_seq, n_ubatch, n_gpu_layers, threads, cb_eval) -> None:
         self.header = check_model(path, n_gpu_layers)
         self.path = Path(path)
         self.lib = lib = _llama_cpp()

@@ -116,13 +116,14 @@ class PerplexityResult:
 
 
 def perplexity(model, text, ctx: int = DEFAULT_CTX, chunks: int | None = None, batch: int = DEFAULT_BATCH,
-               n_gpu_layers: int = 0, threads: int | None = None) -> PerplexityResult:
-    """Perplexity of `model` (a GGUF path) on the text file `text`."""
+               n_gpu_layers: int = 0, threads: int | None = None, rpc=None) -> PerplexityResult:
+    """Perplexity of `model` (a GGUF path) on the text file `text`; `rpc`: ggml-rpc-servers
+    (HOST:PORT) to run it on."""
     data = read_text(text)
     n_seq, n_batch = batch_layout(ctx, batch)
     t0 = time.perf_counter()
     with Session(model, n_ctx=ctx, n_batch=n_batch, n_seq=n_seq, n_gpu_layers=n_gpu_layers,
-                 threads=threads) as session:
+                 threads=threads, rpc=rpc) as session:
         windows = split_windows(session.tokenize(data), ctx, chunks, text)
         total = total_sq = 0.0
         count = 0

@@ -11,6 +11,7 @@ import re
 import sys
 
 from ggufkit.runtime.load import DEFAULT_CTX, check_model, default_threads
+from ggufkit.runtime.rpc import offloaded_layers, rpc_devices
 
 
 def is_loopback(host: str) -> bool:
@@ -35,9 +36,10 @@ def chat_page() -> tuple[str, str]:
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, ctx: int = DEFAULT_CTX, n_gpu_layers: int = 0,
-          threads: int | None = None, api_key: str | None = None) -> None:
-    """Serve `model` at http://host:port/v1, and the chat page at http://host:port/, until interrupted."""
-    header = check_model(model, n_gpu_layers)
+          threads: int | None = None, api_key: str | None = None, rpc=None) -> None:
+    """Serve `model` at http://host:port/v1, and the chat page at http://host:port/, until interrupted;
+    `rpc`: ggml-rpc-servers (HOST:PORT) to run it on."""
+    n_gpu_layers = offloaded_layers(n_gpu_layers, rpc)
     import uvicorn
     from fastapi.responses import HTMLResponse
     from llama_cpp.server.app import create_app
@@ -47,14 +49,18 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, ctx: int = DEFAULT_C
         print(f"ggufkit serve: warning: listening on {host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
     n = default_threads(threads)
-    # Prefer the GGUF's own template over llama-cpp-python's guess from known template texts.
-    chat_format = "chat_template.default" if "tokenizer.chat_template" in header.metadata else None
-    app = create_app(
-        server_settings=ServerSettings(host=host, port=port, api_key=api_key),
-        model_settings=[ModelSettings(model=str(model), model_alias=header.path.stem, n_ctx=ctx,
-                                      n_gpu_layers=n_gpu_layers, n_threads=n, n_threads_batch=n,
-                                      chat_format=chat_format, verbose=False)],
-    )
+    # ModelSettings.rpc_servers reaches llama_cpp.Llama, which ignores it (0.3.36): the devices are
+    # registered here instead, while create_app loads the model
+    with rpc_devices(rpc):
+        header = check_model(model, n_gpu_layers)
+        # Prefer the GGUF's own template over llama-cpp-python's guess from known template texts.
+        chat_format = "chat_template.default" if "tokenizer.chat_template" in header.metadata else None
+        app = create_app(
+            server_settings=ServerSettings(host=host, port=port, api_key=api_key),
+            model_settings=[ModelSettings(model=str(model), model_alias=header.path.stem, n_ctx=ctx,
+                                          n_gpu_layers=n_gpu_layers, n_threads=n, n_threads_batch=n,
+                                          chat_format=chat_format, verbose=False)],
+        )
     html, csp = chat_page()
 
     # Open without the API key: the page holds no secrets, and asks for the key when the API wants it.
