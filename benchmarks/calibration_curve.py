@@ -2,11 +2,12 @@
 `python -m benchmarks.calibration_curve [--model smollm2] [--type Q4_K_M] [--eval-chunks 8]`.
 
 The importance matrix comes from the first N windows of 512 tokens of the shipped calibration text
-(Pride and Prejudice, chapters 1-9), N doubling up to the whole text (one imatrix pass: its running
-sums are read off at each N; imatrix_s is that share of the pass); the F32 model is quantized with
-each, and without one. Every file is scored against the F32 model's own log-probs on held-out text:
-another novel (emma.txt) and Python source (the standard library's argparse.py), the same windows for
-every file. The curve says where more calibration stops lowering the mean KL divergence.
+(ggufkit/data/calibration.txt; until issue 19 Pride and Prejudice, chapters 1-9), N doubling up to
+the whole text (one imatrix pass: its running sums are read off at each N; imatrix_s is that share
+of the pass); the F32 model is quantized with each, and without one. Every file is scored against
+the F32 model's own log-probs on held-out text: another novel (emma.txt) and Python source (the
+standard library's argparse.py), the same windows for every file. The curve says where more
+calibration stops lowering the mean KL divergence.
 """
 
 from __future__ import annotations

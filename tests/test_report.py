@@ -15,6 +15,7 @@ import pytest
 
 from ggufkit.cli import main
 from ggufkit.commands.calib_check import Difference, Score, verdict
+from ggufkit.commands.convert import DEFAULT_CALIBRATION
 from ggufkit.commands.report import MARKER, pareto_front
 from ggufkit.runtime import kld
 from tests import tiny_models
@@ -177,16 +178,19 @@ def test_calib_check_table_and_verdicts(made, corpus):
         assert "argparse.py's imatrix" in line
 
 
-def test_calib_check_json(made, corpus):
+def test_calib_check_json(made, corpus, tmp_path):
     out, _ = made
-    rc, stdout, err = run_cli("calib-check", out / "tiny-F32.gguf", "--calibration", corpus / "prideprejudice.txt",
+    opening = tmp_path / "opening.txt"  # the shipped text's first 20000 characters
+    opening.write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    rc, stdout, err = run_cli("calib-check", out / "tiny-F32.gguf", "--calibration", opening,
                               "--text", corpus / "emma.txt", "--type", "Q4_0", "--json", *FAST)
     assert rc == 0, err
     result = json.loads(stdout)
     assert result["type"] == "Q4_0" and result["default_calibration"] == "calibration.txt"
+    assert result["calibration"] == ["opening.txt"]
     t = result["texts"]["emma.txt"]
     assert {"calibration", "none", "default", "vs_none", "vs_default", "worse", "verdict"} <= set(t)
-    # the shipped text is Pride and Prejudice's first chapters: two windows of it give the same imatrix
+    # CAL opens as the shipped text does: two windows of either give the same imatrix
     assert t["calibration"]["kld"] == t["default"]["kld"] and t["vs_default"]["kld"] == 0
     assert t["vs_none"]["kld"] == pytest.approx(t["calibration"]["kld"] - t["none"]["kld"])
     assert t["worse"] is False and t["verdict"].startswith("emma.txt: ok:")

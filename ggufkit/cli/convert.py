@@ -61,7 +61,8 @@ def register(sub) -> None:
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix for a mixture type (GGUF from "
                    "`ggufkit imatrix` or llama-imatrix, or a legacy .dat)")
     p.add_argument("--calibration", nargs="*", metavar="TEXT", help="measure the importance matrix on these "
-                   "text files first; with no file, on the shipped calibration text (Pride and Prejudice ch. 1-9)")
+                   "text files first; with no file, on the shipped calibration text (English prose and dialogue, "
+                   "Python code and documentation, nine other languages)")
     p.add_argument("--calibration-ctx", type=int, default=512, metavar="N",
                    help="tokens per calibration window (default: 512, as llama-imatrix)")
     p.add_argument("--calibration-chunks", type=int, metavar="N", default=DEFAULT_CALIBRATION_CHUNKS,

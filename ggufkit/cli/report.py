@@ -82,8 +82,9 @@ def register(sub) -> None:
         "calib-check", help="is a calibration text a good one? its imatrix vs none vs the default text's",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantize MODEL to --type three times: with the importance matrix of --calibration CAL,\n"
-        "without one, and with the one of the shipped calibration text (Pride and Prejudice ch. 1-9). Score\n"
-        "each on every --text by its mean KL divergence from the unquantized model (± its standard error,\n"
+        "without one, and with the one of the shipped calibration text (ggufkit/data/calibration.txt:\n"
+        "English prose and dialogue, Python code and documentation, nine other languages). Score each\n"
+        "on every --text by its mean KL divergence from the unquantized model (± its standard error,\n"
         "as llama-perplexity reports it), and say per text whether CAL's file is worse than an alternative\n"
         "by more than the noise (2 standard errors of the per-token differences: the files are scored on\n"
         "the same tokens). Give an in-domain text first, then texts of other domains. Nothing is kept.",

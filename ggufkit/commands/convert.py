@@ -18,7 +18,10 @@ from ggufkit.gguffile.writer import refuse_overwrite
 from ggufkit.runtime.imatrix import collect
 from ggufkit.runtime.inspect import type_table
 
-# Chapters 1-9 of Pride and Prejudice (Project Gutenberg, public domain): ~19k tokens, 36 windows of 512.
+# Jane Austen's prose and dialogue interleaved with Python code, the Python tutorial and the Universal
+# Declaration of Human Rights in nine other languages (public domain or freely licensed; built by
+# tools/make_calibration.py, sources in the README): ~40k tokens of SmolLM2's, 77 windows of 512,
+# every kind of text already in the first 16.
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
 # The lossless GGUF type for a checkpoint stored in each safetensors dtype.
 LOSSLESS = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
@@ -32,9 +35,10 @@ def lossless_type(src) -> str:
 
 
 # Windows of the calibration text measured by default. The KL divergence of SmolLM2's Q4_K_M on
-# held-out prose and code stops improving after one window of 512 tokens (benchmarks.calibration_curve:
-# 0.0325 at 1 window, 0.0318-0.0325 from 4 to 36); 16 leaves a wide margin for larger models and
-# costs less than half of the shipped text's 36 windows. 0 or None: the whole text.
+# held-out prose and code stops improving after one window of 512 tokens (benchmarks.calibration_curve
+# on the former shipped text, Pride and Prejudice ch. 1-9: 0.0325 at 1 window, 0.0318-0.0325 from 4
+# to 36); 16 leaves a wide margin for larger models, hold every kind of the shipped text, and cost a
+# fifth of its 77 windows. 0 or None: the whole text.
 DEFAULT_CALIBRATION_CHUNKS = 16
 
 
