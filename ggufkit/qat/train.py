@@ -9,6 +9,7 @@ on text it was not fitted to."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ggufkit.errors import GgufkitError
 from ggufkit.progress import bar
@@ -173,6 +175,7 @@ def train(src: Path, quantizers: dict[str, TensorQuantizer], texts, settings: Se
         nonlocal best
         kl = heldout_kl()
         history.append((at, kl))
+        tqdm.write(f"qat: step {at}/{settings.steps}: held-out KL divergence {kl:.5f}", file=sys.stderr)
         if best is None or kl < best[1]:
             best = (at, kl, {n: w.detach().cpu().numpy().copy() for n, w in latent.items()})
 
