@@ -138,13 +138,19 @@ def test_interrupt_then_resume_is_the_same_run(tiny, tmp_path):
 
 
 def test_qat_command_writes_a_file_llama_cpp_runs(tiny, tmp_path, capsys):
-    """The whole command from the error-feedback start: JSON report, file written (its bytes checked
-    against the trained weights inside the command), loads and generates; no state left behind."""
+    """The whole command from the error-feedback start in a byte budget: JSON report, file written
+    with the start's types (its bytes checked against the trained weights inside the command), loads
+    and generates; no state left behind. Started from that file, another run keeps its types."""
+    from ggufkit.gguffile.reader import read_header
+
     ckpt, text = tiny
     out = tmp_path / "q.gguf"
     assert main(["qat", str(ckpt), "-o", str(out), "--type", "Q4_K_M", "--text", str(text), "--steps", "4",
                  "--eval-every", "2", "--seq", "64", "--batch", "2", "--heldout", "2", "--imatrix-chunks", "2",
-                 "--lr", "1e-3", "--json"]) == 0
+                 "--lr", "1e-3", "--target-bpw", "3.5", "--json"]) == 0
+    types = {t.name: t.type for t in read_header(out).tensors}
+    quantized = [t for t in read_header(out).tensors if t.type not in (Q.F32, Q.F16)]
+    assert 8 * sum(t.n_bytes for t in quantized) / sum(t.n_elements for t in quantized) <= 3.5
     report = json.loads(capsys.readouterr().out)
     assert report["init"] == "gptq" and [s for s, _ in report["heldout_kl"]] == [0, 2, 4]
     assert report["best_step"] in (0, 2, 4) and report["tokens_per_s"] > 0
@@ -159,6 +165,7 @@ def test_qat_command_writes_a_file_llama_cpp_runs(tiny, tmp_path, capsys):
                  "--json"]) == 0
     kl = dict(report["heldout_kl"])[report["best_step"]]
     assert json.loads(capsys.readouterr().out)["heldout_kl"][0][1] == pytest.approx(kl, rel=0.05)
+    assert {t.name: t.type for t in read_header(again).tensors} == types
 
 
 def test_qat_bad_inputs(tiny, tmp_path, capsys):
@@ -173,6 +180,8 @@ def test_qat_bad_inputs(tiny, tmp_path, capsys):
     assert "no saved qat state" in capsys.readouterr().err
     assert main([*args, "--text", str(text), "--init", str(tmp_path / "nothing.gguf")]) == 1
     assert "neither gptq nor ggml nor a GGUF file" in capsys.readouterr().err
+    assert main([*args, "--text", str(text), "--init", "ggml", "--match-size"]) == 1
+    assert "chooses the types of the gptq start" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
     out.write_bytes(b"keep")
     assert main([*args, "--text", str(text)]) == 1

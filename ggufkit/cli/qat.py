@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
+from ggufkit.cli.quantize import add_budget_arguments
 from ggufkit.commands.convert import DEFAULT_CALIBRATION_CHUNKS
 
 
 def cmd_qat(args) -> int:
     from dataclasses import asdict
 
+    from ggufkit.budget import parse_target
     from ggufkit.commands.qat import qat_command
     from ggufkit.qat.train import Settings
 
     settings = Settings(steps=args.steps, lr=args.lr, seq=args.seq, batch=args.batch, ce_weight=args.ce_weight,
                         eval_every=args.eval_every, heldout=args.heldout, device=args.device, seed=args.seed)
+    target = parse_target(args.target_size, args.target_bpw, args.match_size, args.type)
     report = qat_command(args.src, args.output, args.type, args.text, settings, init=args.init, imatrix=args.imatrix,
+                         target=target,
                          chunks=args.imatrix_chunks or None, threads=args.threads, force=args.force,
                          resume=args.resume)
     if args.json:
@@ -48,7 +52,8 @@ def register(sub) -> None:
         "quantizes is fake-quantized in the forward pass exactly as the file will store it (ggml's search\n"
         "with the importance matrix of the training text), gradients pass straight through inside the\n"
         "grid's range, and the model is distilled from the original (KL divergence of the next-token\n"
-        "distributions). Training starts from the best post-training file (error feedback, --init gptq);\n"
+        "distributions). Training starts from the best post-training file (error feedback, --init gptq,\n"
+        "with a byte budget where one is given), on that file's per-tensor types;\n"
         "a few windows of the text are held out and the state with the lowest held-out KL divergence is\n"
         "written, so the file is never worse there than where training started. The written file\n"
         "dequantizes to the trained fake-quantized weights bit for bit (checked before it is written);\n"
@@ -77,6 +82,7 @@ def register(sub) -> None:
     p.add_argument("--init", default="gptq", metavar="|".join(INITS) + "|FILE.gguf",
                    help="start from error feedback's file (gptq, default), from ggml's rounding of the checkpoint "
                    "(ggml), or from the weights of a GGUF of the same model (your best file so far)")
+    add_budget_arguments(p)
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix to use (with Hessians for --init gptq: "
                    "`ggufkit imatrix --hessian`) instead of measuring one on the training text")
     p.add_argument("--imatrix-chunks", type=int, default=DEFAULT_CALIBRATION_CHUNKS, metavar="N",

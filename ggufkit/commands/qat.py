@@ -45,13 +45,15 @@ class QatReport:
     train_seconds: float
 
 
-def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq", imatrix=None, ctx: int = 512,
-                chunks: int | None = DEFAULT_CALIBRATION_CHUNKS, threads: int | None = None, force: bool = False,
-                resume=None, state_dir=None) -> QatReport:
+def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq", imatrix=None, target=None,
+                ctx: int = 512, chunks: int | None = DEFAULT_CALIBRATION_CHUNKS, threads: int | None = None,
+                force: bool = False, resume=None, state_dir=None) -> QatReport:
     """Train `src` onto the grids of the mixture `out_type` on `texts` and write the GGUF `out`.
-    `settings`: qat.train.Settings; `init`: INITS or a GGUF path; `imatrix`: an importance matrix
-    file (with Hessians for gptq) instead of measuring one on `texts`. Ctrl-C saves the training
-    state in `state_dir` (default: beside the output) for `resume`."""
+    `settings`: qat.train.Settings; `init`: INITS or a GGUF path, whose per-tensor types are kept
+    (so training starts from, and improves on, exactly that file); `imatrix`: an importance matrix
+    file (with Hessians for gptq) instead of measuring one on `texts`; `target`: a byte budget
+    (budget.Target) for the gptq start. Ctrl-C saves the training state in `state_dir` (default:
+    beside the output) for `resume`."""
     try:
         from ggufkit.qat.fakequant import quantizers
         from ggufkit.qat.train import Settings, train
@@ -64,6 +66,8 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
         raise GgufkitError(f"qat trains onto a mixture's grids ({', '.join(MIXTURE_TYPES)}), not --type {out_type}")
     if init not in INITS and not Path(init).is_file():
         raise GgufkitError(f"--init {init!r} is neither {' nor '.join(INITS)} nor a GGUF file")
+    if target is not None and init != "gptq":
+        raise GgufkitError(f"{target} chooses the types of the gptq start (--init gptq); a start file has its own")
     texts = [Path(t) for t in texts]
     for t in texts:
         if not t.is_file():
@@ -84,19 +88,20 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
         fam = family_for(ckpt.config, ckpt.root / "config.json")
         fam.prepare(ckpt)
         tensors = plan(ckpt, fam, out_type, len(fam.load_vocab(ckpt.root).tokens), has_imatrix=True)
-        quantized = {t.gguf_name: tuple(reversed(t.shape)) for t in tensors if t.qtype not in FLOAT_TYPES}
-        weights = weights_for(imatrix, quantized, src)[0]
         full = lambda hf_name: ckpt.get_rows(hf_name, 0, ckpt.tensors[hf_name].shape[0])  # noqa: E731
-        fq = quantizers(fam, tensors, weights, full, src)
-        start = None
-        if init == "gptq":
-            start = _file_weights(convert(src, tmp / "ptq.gguf", out_type=out_type, imatrix=imatrix, method="gptq"),
-                                  fam, tensors, full)
-        elif init != "ggml":
-            start = _file_weights(Path(init), fam, tensors, full)
+        start, types = None, None
+        if init != "ggml":
+            start_file = Path(init) if init != "gptq" else convert(src, tmp / "ptq.gguf", out_type=out_type,
+                                                                   imatrix=imatrix, method="gptq", target=target)
+            start, types = _file_weights(start_file, fam, tensors, full)
+            for t in tensors:
+                t.qtype = types.get(t.gguf_name, t.qtype)
+        quantized = {t.gguf_name: tuple(reversed(t.shape)) for t in tensors if t.qtype not in FLOAT_TYPES}
+        fq = quantizers(fam, tensors, weights_for(imatrix, quantized, src)[0], full, src)
         result = train(src, fq, texts, settings, init=start, state_dir=state_dir, resume=resume)
         trained = _write_checkpoint(src, tmp / src.name, ckpt, result.weights)
-        written = convert(trained, tmp / "out.gguf", out_type=out_type, imatrix=imatrix, method="ggml", qat=False)
+        written = convert(trained, tmp / "out.gguf", out_type=out_type, imatrix=imatrix, method="ggml", qat=False,
+                          types=types)
         _check_written(written, fam, tensors, {n: q.round(result.weights[n])[0] for n, q in fq.items()})
         os.replace(written, out)
     if resume is None and state_dir.exists():
@@ -105,9 +110,9 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
                      round(result.tokens_per_s, 1), round(result.seconds, 1))
 
 
-def _file_weights(path: Path, fam, tensors: list[PlannedTensor], full) -> dict[str, np.ndarray]:
+def _file_weights(path: Path, fam, tensors: list[PlannedTensor], full) -> tuple[dict[str, np.ndarray], dict]:
     """A GGUF's dequantized weights in the checkpoint's names and layout (padding rows past the
-    tokenizer, which the GGUF drops, keep the checkpoint's values)."""
+    tokenizer, which the GGUF drops, keep the checkpoint's values), and its types by GGUF name."""
     header = read_header(path)
     by_name = {t.name: t for t in header.tensors}
     out = {}
@@ -124,7 +129,7 @@ def _file_weights(path: Path, fam, tensors: list[PlannedTensor], full) -> dict[s
             w = full(hf_name)
             w[:part.shape[0]] = fam.untransform(t.gguf_name, part)
             out[hf_name] = w
-    return out
+    return out, {t.name: t.type for t in header.tensors}
 
 
 def _write_checkpoint(src: Path, folder: Path, ckpt, trained: dict[str, np.ndarray]) -> Path:

@@ -192,13 +192,15 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, fam: Family, file_type:
 def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinite: bool = False,
             split_max_size: int = 0, qat: bool = True, report: list | None = None, imatrix=None,
             allow_missing: bool = False, target: budget.Target | None = None, plans: list | None = None,
-            method: str = DEFAULT_METHOD) -> Path:
+            method: str = DEFAULT_METHOD, types: dict | None = None) -> Path:
     """Convert a checkpoint to `out_type` (see OUT_TYPES). With a block type and `qat`, tensors already
     on its grid keep their exact codes (one GridReport per such tensor is appended to `report`).
     `imatrix`: a path, or an `Imatrix` (then recorded as measured by convert --calibration).
     `target`: a byte budget for a mixture (budget.parse_target): the types are chosen to meet it,
     starting from the mixture's rules; its `budget.Plan` is appended to `plans`. `method`: how the
-    imatrix is used (gptq.METHODS): with "gptq", error feedback where it carries input Hessians."""
+    imatrix is used (gptq.METHODS): with "gptq", error feedback where it carries input Hessians.
+    `types`: {GGUF name: type} replacing the mixture's choice for those tensors (the types of a file
+    chosen before, such as the one training started from)."""
     out = Path(out)
     out_type = out_type.upper()
     if out_type not in OUT_TYPES:
@@ -220,6 +222,11 @@ def convert(src, out, out_type: str = "F16", force: bool = False, allow_nonfinit
     fam.prepare(ckpt)
     vocab = fam.load_vocab(ckpt.root)
     tensors = plan(ckpt, fam, out_type, len(vocab.tokens), has_imatrix=imat is not None, qat=qat)
+    if types:
+        if out_type not in MIXTURE_TYPES or target is not None:
+            raise GgufkitError("per-tensor types replace a mixture's rules, without a byte budget")
+        for t in tensors:
+            t.qtype = types.get(t.gguf_name, t.qtype)
 
     def metadata(w: gguf.GGUFWriter) -> None:
         write_metadata(w, ckpt, fam, _file_type(out_type, tensors))
