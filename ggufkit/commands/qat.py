@@ -104,7 +104,7 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
                           types=types)
         _check_written(written, fam, tensors, {n: q.round(result.weights[n])[0] for n, q in fq.items()})
         os.replace(written, out)
-    if resume is None and state_dir.exists():
+    if state_dir.exists():
         shutil.rmtree(state_dir)  # a finished run's Ctrl-C state is stale
     return QatReport(str(out), out_type, init, settings.steps, result.best_step, result.heldout_kl,
                      round(result.tokens_per_s, 1), round(result.seconds, 1))
