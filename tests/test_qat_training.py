@@ -188,3 +188,25 @@ def test_qat_bad_inputs(tiny, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep"
     with pytest.raises(SystemExit):
         main(["qat", str(ckpt), "-o", str(out), "--type", "F16", "--text", str(text)])
+
+
+def test_shifted_norms_train_and_round_as_stored():
+    """Gemma stores its norms as 1 + w: the gradient of such a norm passes whole, and its rounded
+    value gives back exactly the value the GGUF stores."""
+    from ggufkit.convert.families.base import Family
+    from ggufkit.qat.fakequant import TensorQuantizer
+
+    class Shifted(Family):
+        def __init__(self):
+            pass
+
+        def transform(self, hf_name, x):
+            return x + np.float32(1)
+
+        def untransform(self, gguf_name, x):
+            return x - np.float32(1)
+
+    w = np.random.default_rng(0).standard_normal(64).astype(np.float32) * 1e-3
+    out, mask = TensorQuantizer("n.weight", "blk.0.attn_norm.weight", Q.F32, Shifted(), None, 64).round(w)
+    assert mask.all()
+    np.testing.assert_array_equal(out + np.float32(1), w + np.float32(1))

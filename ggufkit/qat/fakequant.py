@@ -39,18 +39,16 @@ class TensorQuantizer:
         x = self.family.transform(self.hf_name, w[:self.rows])
         q = encode(x, self.qtype, self.weights)
         deq = dequantize(q, self.qtype).reshape(x.shape)
-        inside = _inside_grid(x, q, self.qtype)
         out, mask = w.copy(), np.ones(w.shape, dtype=np.float32)
         out[:self.rows] = self.family.untransform(self.gguf_name, deq)
-        mask[:self.rows] = self.family.untransform(self.gguf_name, inside)
+        if self.qtype in CODES:  # a matrix: its transform only reorders rows (Gemma's +1 is for norms)
+            mask[:self.rows] = self.family.untransform(self.gguf_name, _inside_grid(x, q, self.qtype))
         return out, mask
 
 
 def _inside_grid(x: np.ndarray, q: np.ndarray, qtype) -> np.ndarray:
-    """1.0 where x lies within half a step of its block's grid range, else 0.0 (float types and
-    grids that are not a line of codes, such as the i-quants' lattices: 1.0 everywhere)."""
-    if qtype not in CODES:
-        return np.ones(x.shape, dtype=np.float32)
+    """1.0 where x lies within half a step of its block's grid range, else 0.0 (types in CODES;
+    elsewhere, floats and the i-quants' lattices, the gradient passes everywhere)."""
     _, _, lo, hi = CODES[qtype]
     rows = x.reshape(-1, x.shape[-1])
     offset, step = element_grids(q.reshape(rows.shape[0], -1), qtype)
