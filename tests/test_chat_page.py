@@ -21,7 +21,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.test_runtime_interactive import free_port, wait_until_up
+from tests.test_runtime_interactive import free_port, stop, wait_until_up
 
 pytestmark = [pytest.mark.slow, pytest.mark.models]
 
@@ -39,12 +39,7 @@ def running_server(model, *args):
         wait_until_up(f"http://127.0.0.1:{port}/", server)
         yield f"http://127.0.0.1:{port}/"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, 30)
 
 
 @pytest.fixture(scope="module")

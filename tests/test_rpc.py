@@ -12,14 +12,9 @@ import pytest
 
 from ggufkit.cli import main
 from ggufkit.runtime.rpc import ENV, offloaded_layers, parse_servers
+from tests.test_runtime_interactive import free_port, stop
 
 THREADS = "2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -52,12 +47,7 @@ def rpc_server(tmp_path):
                 time.sleep(0.1)
         yield f"127.0.0.1:{port}", lib, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)
         log.close()
 
 

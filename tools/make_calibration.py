@@ -77,31 +77,25 @@ def paragraphs(text: str) -> list[str]:
 def segments(blocks: list[str], size: int) -> list[str]:
     """Consecutive blocks joined by blank lines into segments of at least `size` bytes (the last may be
     shorter); a block over twice `size` is first cut at line ends into pieces of about `size`."""
-    out, cur, n = [], [], 0
-    for b in (piece for block in blocks for piece in _cut(block, size)):
-        cur.append(b)
-        n += len(b.encode()) + 2
-        if n >= size:
-            out.append("\n\n".join(cur))
-            cur, n = [], 0
-    if cur:
-        out.append("\n\n".join(cur))
-    return out
+    return _join((piece for block in blocks for piece in _cut(block, size)), size, "\n\n")
 
 
 def _cut(block: str, size: int) -> list[str]:
-    if len(block.encode()) <= 2 * size:
-        return [block]
-    pieces, cur, n = [], [], 0
-    for line in block.split("\n"):
-        cur.append(line)
-        n += len(line.encode()) + 1
+    return [block] if len(block.encode()) <= 2 * size else _join(block.split("\n"), size, "\n")
+
+
+def _join(parts, size: int, sep: str) -> list[str]:
+    """Consecutive parts joined by `sep` into pieces of at least `size` bytes (the last may be shorter)."""
+    out, cur, n = [], [], 0
+    for part in parts:
+        cur.append(part)
+        n += len(part.encode()) + len(sep)
         if n >= size:
-            pieces.append("\n".join(cur))
+            out.append(sep.join(cur))
             cur, n = [], 0
     if cur:
-        pieces.append("\n".join(cur))
-    return pieces
+        out.append(sep.join(cur))
+    return out
 
 
 def round_robin(streams: list[list[str]]) -> list[str]:

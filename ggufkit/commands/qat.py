@@ -110,20 +110,26 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
                      round(result.tokens_per_s, 1), round(result.seconds, 1))
 
 
-def _file_weights(path: Path, fam, tensors: list[PlannedTensor], full) -> tuple[dict[str, np.ndarray], dict]:
-    """A GGUF's dequantized weights in the checkpoint's names and layout (padding rows past the
-    tokenizer, which the GGUF drops, keep the checkpoint's values), and its types by GGUF name."""
-    header = read_header(path)
+def _dequantized(header, tensors: list[PlannedTensor]):
+    """(planned tensor, its values in the GGUF `header`) for every tensor made from the checkpoint."""
     by_name = {t.name: t for t in header.tensors}
-    out = {}
     for t in tensors:
         if t.hf_name is None:
             continue
         info = by_name.get(t.gguf_name)
         if info is None or tuple(reversed(info.shape)) != t.shape:
             raise GgufkitError(f"not a GGUF of this model: {t.gguf_name} is "
-                               f"{'missing' if info is None else f'of shape {list(reversed(info.shape))}'}", path)
-        x = dequantize(tensor_data(header, info), info.type).reshape(t.shape)
+                               f"{'missing' if info is None else f'of shape {list(reversed(info.shape))}'}",
+                               header.path)
+        yield t, dequantize(tensor_data(header, info), info.type).reshape(t.shape)
+
+
+def _file_weights(path: Path, fam, tensors: list[PlannedTensor], full) -> tuple[dict[str, np.ndarray], dict]:
+    """A GGUF's dequantized weights in the checkpoint's names and layout (padding rows past the
+    tokenizer, which the GGUF drops, keep the checkpoint's values), and its types by GGUF name."""
+    header = read_header(path)
+    out = {}
+    for t, x in _dequantized(header, tensors):
         for expert, hf_name in enumerate(t.sources):
             part = x[expert] if len(t.sources) > 1 else x
             w = full(hf_name)
@@ -148,13 +154,7 @@ def _write_checkpoint(src: Path, folder: Path, ckpt, trained: dict[str, np.ndarr
 
 def _check_written(path: Path, fam, tensors: list[PlannedTensor], expected: dict[str, np.ndarray]) -> None:
     """Every trained tensor of the written file dequantizes to the fake-quantized weights, bit for bit."""
-    header = read_header(path)
-    by_name = {t.name: t for t in header.tensors}
-    for t in tensors:
-        if t.hf_name is None:
-            continue
-        info = by_name[t.gguf_name]
-        x = dequantize(tensor_data(header, info), info.type).reshape(t.shape)
+    for t, x in _dequantized(read_header(path), tensors):
         parts = [fam.transform(n, expected[n][:t.shape[-2] if len(t.shape) > 1 else t.shape[0]]) for n in t.sources]
         want = np.stack(parts) if len(t.sources) > 1 else parts[0]
         if not np.array_equal(np.ascontiguousarray(x).view(np.uint32), np.ascontiguousarray(want, np.float32).view(np.uint32)):

@@ -163,11 +163,11 @@ def train(src: Path, quantizers: dict[str, TensorQuantizer], texts, settings: Se
 
     def heldout_kl() -> float:
         with torch.no_grad():
-            total = 0.0
+            total, student = 0.0, quantized()  # the whole model rounded once, not once per batch
             for w in heldout.to(settings.device).split(settings.batch):
                 weights.bind(weights.original)
                 teacher = model(w).logits
-                weights.bind(quantized())
+                weights.bind(student)
                 total += float(_kl(teacher, model(w).logits)) * w.shape[0]
             return total / heldout.shape[0]
 
