@@ -7,7 +7,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ggufkit.gguffile.hessian import hessian_width
-from ggufkit.gptq import CODES, IQ4_LEVELS, IQ4_TYPES, Feedback, element_grids, snap
+from ggufkit.gptq import CODES, IQ4_LEVELS, IQ4_TYPES, Feedback, element_grids, fed_within, inverse_factor
 from ggufkit.kquants import dequantize, quantize
 
 Q = GGMLQuantizationType
@@ -51,7 +51,44 @@ def test_element_grids_hold_every_quantized_value(qtype):
         code = (d - offset) / np.where(step == 0, 1, step)
         np.testing.assert_allclose(code, np.rint(code), atol=1e-3)
         assert code.min() >= lo - 1e-3 and code.max() <= hi + 1e-3
-    np.testing.assert_array_equal(snap(d[:, 7], offset[:, 7], step[:, 7], qtype), d[:, 7])
+    block = GGML_QUANT_SIZES[qtype][0]
+    no_feedback = np.eye(block, dtype=np.float32)
+    np.testing.assert_array_equal(fed_within(d[:, :block], offset[:, :block], step[:, :block], no_feedback, qtype),
+                                  d[:, :block])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q3_K, Q.IQ4_NL])
+def test_compiled_rounding_is_gptqs_column_loop(qtype):
+    """The compiled inner loop equals GPTQ's column loop written in numpy: round column i to its grid,
+    push (x_i - q_i) / U_ii times U's row i onto the later columns."""
+    w, h = correlated(24, 256, seed=5)
+    block = GGML_QUANT_SIZES[qtype][0]
+    q = quantize(w[:, :block], qtype, np.diagonal(h)[:block].copy())
+    offset, step = element_grids(q, qtype)
+    u = inverse_factor(h[:block, :block].astype(np.float64))[0].astype(np.float32)
+    x, want = w[:, :block].copy(), np.empty((24, block), np.float32)
+    _, _, lo, hi = CODES[qtype]
+    for i in range(block):
+        if qtype in IQ4_TYPES:
+            levels = IQ4_LEVELS * step[:, i, None]
+            want[:, i] = levels[np.arange(24), np.abs(levels - x[:, i, None]).argmin(axis=1)]
+        else:
+            code = np.clip(np.rint((x[:, i] - offset[:, i]) / np.where(step[:, i] == 0, 1, step[:, i])), lo, hi)
+            want[:, i] = offset[:, i] + step[:, i] * code
+        x[:, i + 1:] -= np.outer((x[:, i] - want[:, i]) / u[i, i], u[i, i + 1:])
+    got = fed_within(w[:, :block], offset, step, u, qtype)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    assert (got != w[:, :block]).any()
+
+
+def test_inverse_factor():
+    """H^-1 = U^T U with U upper triangular, and the second factor is U's inverse."""
+    _, h = correlated(1, 320, seed=6)
+    h = h.astype(np.float64)
+    u, u_inv = inverse_factor(h)
+    np.testing.assert_array_equal(u, np.triu(u))
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=0, atol=1e-7 * np.abs(np.linalg.inv(h)).max())
+    np.testing.assert_allclose(u_inv @ u, np.eye(320), atol=1e-9)
 
 
 def test_rows_are_independent():

@@ -301,12 +301,15 @@ Encoder = Callable[[int, np.ndarray], np.ndarray]  # (expert, rows) -> the rows'
 
 def _encoder(t: PlannedTensor, imatrix: np.ndarray | None, feedback: ModelFeedback | None) -> Encoder:
     """How the tensor's rows become bytes: with error feedback where its input's H is known (and the
-    type is a block type), else ggml's rounding with the importance weights."""
-    fb = None if feedback is None or t.qtype in FLOAT_TYPES or len(t.shape) != 2 else feedback.for_weight(t.gguf_name,
-                                                                                                          t.qtype)
-    if fb is not None:
-        return lambda expert, x: fb.quantize(x.reshape(-1, x.shape[-1]), t.qtype).reshape(*x.shape[:-1], -1)
-    return lambda expert, x: encode(x, t.qtype, _expert_weights(imatrix, expert, t.shape[-1]))
+    type is a block type), else ggml's rounding with the importance weights. The feedback's factors
+    are made when the rows come (kept for the few latest inputs), not for every tensor up front."""
+    def encoded(expert: int, x: np.ndarray) -> np.ndarray:
+        fb = None if feedback is None or t.qtype in FLOAT_TYPES or len(t.shape) != 2 else \
+            feedback.for_weight(t.gguf_name, t.qtype)
+        if fb is not None:
+            return fb.quantize(x.reshape(-1, x.shape[-1]), t.qtype).reshape(*x.shape[:-1], -1)
+        return encode(x, t.qtype, _expert_weights(imatrix, expert, t.shape[-1]))
+    return encoded
 
 
 def _encoded(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: bool, encoder: Encoder,

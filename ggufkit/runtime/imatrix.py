@@ -26,7 +26,7 @@ from ggufkit.gguffile.hessian import Hessian, hessian_width
 from ggufkit.gguffile.imatrix import Entry, Imatrix, write_imatrix
 from ggufkit.gguffile.writer import refuse_overwrite
 from ggufkit.progress import bar
-from ggufkit.runtime.load import Session, ggml_library
+from ggufkit.runtime.load import Session, ggml_library, spin_briefly_between_graphs
 from ggufkit.runtime.perplexity import read_text, split_windows
 
 DEFAULT_CTX = 512
@@ -238,6 +238,7 @@ def collect(model, texts, ctx: int = DEFAULT_CTX, chunks: int | None = None, pro
         raise GgufkitError(f"--ctx {ctx} is too small (llama-imatrix ignores batches under {MIN_ROWS} tokens)")
     texts = [Path(t) for t in texts]
     data = b"\n".join(read_text(t) for t in texts)
+    spin_briefly_between_graphs()
     collector = Collector(process_output, hessians)
     # one window per batch, in physical batches of llama-imatrix's default 512
     with Session(model, n_ctx=ctx, n_batch=ctx, n_gpu_layers=n_gpu_layers, threads=threads,

@@ -25,6 +25,22 @@ def _keep_errors(level: int, text: bytes, user_data) -> None:
         _llama_errors.append(text.decode("utf-8", "replace").strip())
 
 
+# Iterations libgomp's idle threads spin before they sleep, for processes that collect an imatrix
+# (libgomp's default: 300000). Collection splits each graph at every weight and runs numpy between
+# the pieces, while ggml's other thread spins on the second core. SmolLM2, 2 cores, imatrix with
+# Hessians on 4 windows: 125-151 tokens/s by default, 222-260 at 10000 or sleeping at once
+# (OMP_WAIT_POLICY=passive); generation: 157-168 tokens/s by default, 140-156 at 10000, but 49-51
+# sleeping at once (ggml's barriers inside a graph are OpenMP's).
+COLLECTION_SPINCOUNT = "10000"
+
+
+def spin_briefly_between_graphs() -> None:
+    """Set COLLECTION_SPINCOUNT if llama.cpp is not loaded yet (libgomp reads its settings once) and
+    the user chose no OpenMP wait setting."""
+    if "llama_cpp" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+        os.environ["GOMP_SPINCOUNT"] = COLLECTION_SPINCOUNT
+
+
 @functools.cache
 def _llama_cpp():
     """Import llama_cpp with llama.cpp's log silenced; its error lines are kept for our messages.
