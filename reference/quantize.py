@@ -15,6 +15,7 @@ import numpy as np
 from ggufkit.commands.quantize import tensor_metas
 from ggufkit.gguffile.imatrix import Entry, Imatrix, write_imatrix
 from ggufkit.gguffile.reader import read_header, tensor_data
+from ggufkit.gguffile.writer import TensorOut, copy_metadata, write_gguf
 from ggufkit.mixtures import MIXTURES, choose_types, model_info
 from reference.llama_cpp import llama_tool
 
@@ -79,9 +80,15 @@ def fake_imatrix(model: Path, out: Path, seed: int = 0) -> Path:
 
 def synthetic_gguf(path: Path, arch: str = "llama", n_layer: int = 8, n_embd: int = 256, n_head: int = 8,
                    n_head_kv: int = 2, n_ff: int = 512, n_expert: int = 0, n_vocab: int = 512,
-                   tied: bool = False) -> Path:
-    """An F32 llama-style GGUF with random weights: llama-quantize loads it (no vocabulary needed)."""
+                   tied: bool = False, vocab: Path | None = None, norm: float = 0.0) -> Path:
+    """An F32 llama-style GGUF with random weights: llama-quantize loads it (no vocabulary needed).
+    With `vocab`, a GGUF whose tokenizer (and vocabulary size) it takes, llama.cpp runs it too; with
+    `norm` 1, its norm weights are about 1, so every layer, not just the embeddings, shapes the logits."""
     w = gguf.GGUFWriter(str(path), arch)
+    if vocab is not None:
+        header = read_header(vocab, arrays=True)
+        copy_metadata(w, header, skip=[k for k in header.metadata if not k.startswith("tokenizer.")])
+        n_vocab = len(header.metadata["tokenizer.ggml.tokens"])
     w.add_block_count(n_layer)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_ff)
@@ -112,7 +119,8 @@ def synthetic_gguf(path: Path, arch: str = "llama", n_layer: int = 8, n_embd: in
                        p + "ffn_down.weight": (n_embd, n_ff)}
     rng = np.random.default_rng(0)
     for name, shape in shapes.items():
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32) * 0.05)
+        x = rng.standard_normal(shape).astype(np.float32) * 0.05
+        w.add_tensor(name, x + np.float32(norm) if name.endswith("_norm.weight") else x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -128,6 +136,21 @@ def identical_tensors(ours: Path, ref: Path) -> tuple[float, list[str]]:
               if (o := mine.get(t.name)) is None or o.type != t.type
               or not np.array_equal(tensor_data(h_ours, o), tensor_data(h_ref, t))]
     return (len(h_ref.tensors) - len(differ)) / len(h_ref.tensors), differ
+
+
+def dequantized_gguf(src: Path, out: Path) -> Path:
+    """`src` with every tensor dequantized to F32 by gguf-py (llama.cpp's own Python package): the
+    weights a quantized file stands for, for llama.cpp to run in float."""
+    header = read_header(src, arrays=True)
+
+    def data(t):
+        shape = tuple(reversed(t.shape))
+        return TensorOut(t.name, shape, Q.F32, [gguf.quants.dequantize(np.array(tensor_data(header, t)), t.type)
+                                                .astype(np.float32).reshape(shape)])
+
+    tensors = [data(t) for t in header.tensors]
+    write_gguf(out, header.architecture, tensors, lambda w: copy_metadata(w, header), desc="dequantize")
+    return out
 
 
 def metadata(path: Path) -> dict:

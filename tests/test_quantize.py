@@ -4,9 +4,12 @@ files where ggufkit.kquants has the types, and refusals of bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import shutil
 
 import gguf
+import numpy as np
 import pytest
 
 from ggufkit.cli import main
@@ -16,9 +19,10 @@ from ggufkit.convert.pipeline import convert
 from ggufkit.errors import GgufkitError
 from ggufkit.gguffile.reader import read_header
 from ggufkit.kquants import supported_types
-from ggufkit.mixtures import Options, parse_override, parse_qtype
-from reference.quantize import (ALL_MIXTURES, fake_imatrix, ggufkit_types, identical_tensors, llama_quantize,
-                               metadata, needed_types, reference_types, synthetic_gguf)
+from ggufkit.mixtures import Options, parse_override, parse_qtype, requires_imatrix
+from ggufkit.runtime.load import load
+from reference.quantize import (ALL_MIXTURES, dequantized_gguf, fake_imatrix, ggufkit_types, identical_tensors,
+                               llama_quantize, metadata, needed_types, reference_types, synthetic_gguf)
 from tests import tiny_models
 
 Q = gguf.GGMLQuantizationType
@@ -115,6 +119,7 @@ def _assert_identical_to_llama_quantize(tmp_path, model, mixture, imatrix=None):
     fraction, differ = identical_tensors(ours, ref)
     assert differ == [], f"{mixture}: {len(differ)} tensors differ ({fraction:.1%} identical), e.g. {differ[:3]}"
     assert metadata(ours) == metadata(ref)
+    return ours
 
 
 @pytest.mark.slow
@@ -132,6 +137,56 @@ def test_bytes_and_metadata_match_llama_quantize_smollm2(real_models, tmp_path, 
 def test_bytes_match_llama_quantize_synthetic(synthetic, tmp_path, mixture):
     path, imatrix = synthetic["moe8"]  # per-expert imatrix slices, 3-D tensors, 256-multiple rows
     _assert_identical_to_llama_quantize(tmp_path, path, mixture, imatrix)
+
+
+@pytest.fixture(scope="module")
+def runnable(tmp_path_factory):
+    """F32 GGUFs llama.cpp runs, every row a multiple of 256: numpy_llama's, and moe8's layout in 2
+    layers with that vocabulary and norms about 1 (so that the experts shape the logits). Weights
+    small enough, and layers few enough, that rounding the activations barely moves the logits."""
+    root = tmp_path_factory.mktemp("runnable")
+    llama = convert(tiny_models.numpy_llama(root / "hf", d=256, ff=512, std=0.05), root / "llama.gguf",
+                    out_type="F32")
+    moe = synthetic_gguf(root / "moe.gguf", n_layer=2, n_expert=8, n_ff=256, vocab=llama, norm=1.0)
+    return {"llama": (llama, fake_imatrix(llama, root / "llama.imatrix.gguf")),
+            "moe": (moe, fake_imatrix(moe, root / "moe.imatrix.gguf"))}
+
+
+def _run(path, tokens: list[int], n: int = 0) -> tuple[list[int], np.ndarray]:
+    """llama-cpp-python on `tokens`: its greedy continuation of n more (each decoded on its own, on
+    the KV cache of those before) and the logits at every position it decoded."""
+    with contextlib.closing(load(path, n_ctx=64, threads=2, logits_all=True)) as llm:
+        if n:
+            new = list(itertools.islice(llm.generate(tokens, temp=0.0), n))
+        else:
+            llm.eval(tokens)
+            new = []
+        return new, np.array(llm.scores[:llm.n_tokens])
+
+
+LOW_BIT = ["IQ3_M", "IQ3_XS", "IQ3_S", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+           "TQ2_0", "TQ1_0", "MXFP4_MOE"]
+
+
+@pytest.mark.tools
+@pytest.mark.parametrize("mixture", LOW_BIT)
+def test_low_bit_files_run_in_llama_cpp(runnable, tmp_path, mixture):
+    """Each sub-4-bit mixture's file, the bytes llama-quantize writes (with an imatrix only where the
+    mixture needs one), loads in llama-cpp-python and generates; its logits are finite and those of
+    its own weights run in float (dequantized by gguf-py): llama.cpp decodes what was meant. Per
+    position they differ as llama.cpp rounds a quantized matmul's inputs to 8 bits, by a median 1.5-2.5%
+    of the logits' spread here (more where that flips an expert choice, hence the median), where these
+    mixtures' rounding of the weights moves them by 16% (MXFP4) to 130% (TQ1_0) from the F32 model's."""
+    model, imatrix = runnable["moe" if mixture == "MXFP4_MOE" else "llama"]
+    needs = any(requires_imatrix(n, q, mixture) for n, q in ggufkit_types(model, mixture).items())
+    ours = _assert_identical_to_llama_quantize(tmp_path, model, mixture, imatrix if needs else None)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, 12)]
+    tokens, logits = _run(ours, prompt, 8)
+    assert len(tokens) == 8 and np.isfinite(logits).all()
+    _, exact = _run(dequantized_gguf(ours, tmp_path / "dequantized.gguf"), prompt + tokens[:-1])
+    assert logits.shape == exact.shape == (len(prompt) + 7, exact.shape[1])  # the same positions
+    moved = float(np.median(np.sqrt(np.mean((logits - exact) ** 2, axis=1))) / exact.std())
+    assert moved < 0.05, f"{mixture}: logits differ from the dequantized weights' by {moved:.3f} x their spread"
 
 
 @pytest.mark.slow

@@ -20,6 +20,11 @@ _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_a
                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, vocab_size=49152,
                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
+GRANITE_HYBRID = dict(num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "attention"], mamba_n_heads=8,
+                      mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, num_local_experts=4, num_experts_per_tok=2,
+                      intermediate_size=64, shared_intermediate_size=64, embedding_multiplier=12.0,
+                      attention_multiplier=0.25, residual_multiplier=0.5, logits_scaling=2.0, pad_token_id=0)
+
 CONFIGS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
     "llama3.1": ("LlamaConfig", "LlamaForCausalLM",
@@ -89,6 +94,28 @@ CONFIGS = {
                        shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=4,
                        linear_key_head_dim=16, linear_value_head_dim=16,
                        layer_types=["linear_attention"] * 3 + ["full_attention"])),
+    # Qwen3.5: Qwen3-Next's layers in an image-text checkpoint (IMAGE_TEXT), the FFN dense, DeltaNet's projections
+    # apart; four value heads on two key heads (which llama.cpp takes tiled); the multi-token-prediction layer
+    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForConditionalGeneration",
+                dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                     linear_key_head_dim=16, linear_value_head_dim=16, mtp_num_hidden_layers=1,
+                     layer_types=["linear_attention"] * 3 + ["full_attention"],
+                     rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.25,
+                                          mrope_interleaved=True, mrope_section=[1, 1, 0]))),
+    # Qwen3.5-MoE: experts beside a shared one in every layer; no dense FFN size in its config; the default
+    # rotary sections (11, 11, 10: llama.cpp asserts they fit in a head, so heads of 32)
+    "qwen3_5moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForConditionalGeneration",
+                   dict(num_hidden_layers=4, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, shared_expert_intermediate_size=32, intermediate_size=None,
+                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                        linear_value_head_dim=16, mtp_num_hidden_layers=1,
+                        layer_types=["linear_attention"] * 3 + ["full_attention"])),
+    # Granite 4.0 hybrid: Mamba-2 mixers (8 heads in 2 groups) in two of four layers, attention without RoPE in
+    # the others; experts beside a shared MLP, or (dense) the shared MLP alone
+    "granite_hybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", GRANITE_HYBRID),
+    "granite_hybrid_dense": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
+                             {**GRANITE_HYBRID, "num_local_experts": 0, "num_experts_per_tok": 0,
+                              "intermediate_size": 128, "shared_intermediate_size": 128}),
     # the text config of an image-text model (IMAGE_TEXT)
     "mistral3": ("MistralConfig", "Mistral3ForConditionalGeneration",
                  dict(rope_theta=1e6, sliding_window=None, head_dim=16)),
@@ -103,7 +130,8 @@ CONFIGS = {
 # for it (one of those llama.cpp ships, see llama_cpp_vocab): Qwen2's BPE for Qwen, Llama 2's
 # SentencePiece for the families whose converter takes only SentencePiece (tokenizer.model; Gemma 4's
 # tokenizer.json, which export-hf writes for it too).
-VOCABS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "qwen3next": "qwen2", "gemma2": "llama-spm",
+VOCABS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "qwen3next": "qwen2", "qwen3_5": "qwen2",
+          "qwen3_5moe": "qwen2", "gemma2": "llama-spm",
           "phi3": "llama-spm", "ernie4_5": "llama-spm", "gemma4": "llama-spm"}
 
 
@@ -139,16 +167,20 @@ def with_added_tokens(src: Path, folder: Path, texts: tuple[str, ...]) -> tuple[
 # not in CONFIGS: transformers' generate() needs pixel inputs for it; tested against llama.cpp's converter
 GEMMA3_MULTIMODAL = ("Gemma3TextConfig", "Gemma3ForConditionalGeneration", CONFIGS["gemma3"][2])
 # Image-text families: their text config (above) goes inside this wrapper config, with these settings
-# and a minimal vision tower. Mistral's keep an lm_head, as the released checkpoints do.
-MISTRAL3 = ("Mistral3Config", dict(spatial_merge_size=2, tie_word_embeddings=False))
-IMAGE_TEXT = {"gemma3-multimodal": ("Gemma3Config", dict(mm_tokens_per_image=4)), "mistral3": MISTRAL3,
-              "ministral3": MISTRAL3, "gemma4": ("Gemma4Config", dict(audio_config=None))}
+# and a minimal vision tower (VISION, or the settings' own). Mistral's keep an lm_head, as the released
+# checkpoints do.
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
               patch_size=8, head_dim=16, num_key_value_heads=2, position_embedding_size=64)
+MISTRAL3 = ("Mistral3Config", dict(spatial_merge_size=2, tie_word_embeddings=False))
+QWEN3_5_VISION = dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                         out_hidden_size=64, patch_size=8), tie_word_embeddings=False)
+IMAGE_TEXT = {"gemma3-multimodal": ("Gemma3Config", dict(mm_tokens_per_image=4)), "mistral3": MISTRAL3,
+              "ministral3": MISTRAL3, "gemma4": ("Gemma4Config", dict(audio_config=None)),
+              "qwen3_5": ("Qwen3_5Config", QWEN3_5_VISION), "qwen3_5moe": ("Qwen3_5MoeConfig", QWEN3_5_VISION)}
 
 
 # families whose RMSNorm multiplies by (1 + w): their norm weights are drawn around 0
-ONE_PLUS_NORMS = ("gemma2", "gemma3", "qwen3next")
+ONE_PLUS_NORMS = ("gemma2", "gemma3", "qwen3next", "qwen3_5")
 
 
 def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
@@ -160,7 +192,7 @@ def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: 
     config = getattr(transformers, cfg_cls)(**{**_COMMON, **extra, **overrides})
     if family in IMAGE_TEXT:
         wrapper, settings = IMAGE_TEXT[family]
-        config = getattr(transformers, wrapper)(text_config=config.to_dict(), vision_config=VISION, **settings)
+        config = getattr(transformers, wrapper)(text_config=config.to_dict(), **{"vision_config": VISION, **settings})
     config.architectures = [model_cls]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
@@ -179,8 +211,10 @@ def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: 
                 b.uniform_(0.5, 1.5)
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(folder, safe_serialization=True)
-    if family == "qwen3next":
+    if family.startswith(("qwen3next", "qwen3_5")):
         with_mtp_layer(folder, seed)
+    if family.startswith("granite_hybrid"):
+        with_released_layer_types(folder)
     for name in TOKENIZER_FILES:
         if (tokenizer_src / name).is_file():
             shutil.copy(tokenizer_src / name, folder / name)
@@ -188,22 +222,35 @@ def build(family: str, folder: Path, tokenizer_src: Path, seed: int = 0, dtype: 
 
 
 def with_mtp_layer(folder: Path, seed: int = 0) -> Path:
-    """Qwen3-Next's multi-token-prediction module (mtp.*), which its released checkpoints carry and
-    llama.cpp's converter requires, but transformers neither builds nor saves: one more decoder layer
-    (the last, full-attention one, perturbed), the fc projection of [embedding, hidden] and three norms."""
+    """Qwen3-Next's and Qwen3.5's multi-token-prediction module (mtp.*), which their released checkpoints
+    carry and llama.cpp's converter requires, but transformers neither builds nor saves: one more decoder
+    layer (the last, full-attention one, perturbed), the fc projection of [embedding, hidden] and three norms."""
     from safetensors.numpy import load_file
 
     rng = np.random.default_rng(seed)
     weights = load_file(folder / "model.safetensors")
-    last = f"model.layers.{json.loads((folder / 'config.json').read_text())['num_hidden_layers'] - 1}."
+    config = json.loads((folder / "config.json").read_text())
+    config = {**config, **config.get("text_config", {})}
+    model = "model.language_model." if "model.language_model.norm.weight" in weights else "model."
+    last = f"{model}layers.{config['num_hidden_layers'] - 1}."
     for name in [n for n in weights if n.startswith(last)]:
         x = weights[name]
         weights["mtp.layers.0." + name[len(last):]] = (x + 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
-    d = weights["model.norm.weight"].shape[0]
+    d = config["hidden_size"]
     weights["mtp.fc.weight"] = (0.15 * rng.standard_normal((d, 2 * d))).astype(np.float32)
     for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
         weights[f"mtp.{norm}.weight"] = (0.1 * rng.standard_normal(d)).astype(np.float32)
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def with_released_layer_types(folder: Path) -> Path:
+    """Granite 4.0 hybrid's config as IBM releases it: layer_types "mamba" / "attention", the names llama.cpp's
+    converter reads (transformers reads them too, but saves its own: linear_attention / full_attention)."""
+    config = json.loads((folder / "config.json").read_text())
+    released = {"linear_attention": "mamba", "full_attention": "attention"}
+    config["layer_types"] = [released[t] for t in config["layer_types"]]
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
@@ -265,9 +312,10 @@ def llama_cpp_vocab(name: str, folder: Path) -> dict:
     return kv
 
 
-def numpy_llama(folder: Path, seed: int = 0, d: int = 64, ff: int = 128) -> Path:
-    """A Llama checkpoint of 2 layers with random weights (width d, feed-forward ff), and a byte-level
-    BPE vocabulary (GPT-2's 256 byte characters, two merges, an end-of-text token): llama.cpp runs it."""
+def numpy_llama(folder: Path, seed: int = 0, d: int = 64, ff: int = 128, std: float = 0.15) -> Path:
+    """A Llama checkpoint of 2 layers with random weights (width d, feed-forward ff; matrices of
+    standard deviation std, norms around 1), and a byte-level BPE vocabulary (GPT-2's 256 byte
+    characters, two merges, an end-of-text token): llama.cpp runs it."""
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
     moved = [b for b in range(256) if b not in printable]  # GPT-2 maps the other bytes past 255
     tokens = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(moved))] + ["\u0120t", "he"]
@@ -294,7 +342,7 @@ def numpy_llama(folder: Path, seed: int = 0, d: int = 64, ff: int = 128) -> Path
                    p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d),
                    p + "mlp.down_proj.weight": (d, ff)}
     rng = np.random.default_rng(seed)
-    weights = {name: ((1.0 if name.endswith("norm.weight") else 0.0) + 0.15 * rng.standard_normal(shape))
+    weights = {name: ((1.0 if name.endswith("norm.weight") else 0.0) + std * rng.standard_normal(shape))
                .astype(np.float32) for name, shape in shapes.items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
