@@ -80,12 +80,34 @@ def test_unsupported_architecture_lists_supported(ckpt, tmp_path, capsys):
     ("Mistral3ForConditionalGeneration", {"text_config": {"model_type": "mistral4"}}, ("Mistral 4",)),
     ("GptOssForCausalLM", {"layer_types": ["full_attention", "sliding_attention"]}, ("GPT-OSS", "layer_types")),
     ("Gemma4ForCausalLM", {"hidden_size_per_layer_input": 256}, ("Gemma 4", "per-layer input embeddings")),
+    ("GraniteMoeHybridForCausalLM", {"layer_types": ["attention", "attention"]}, ("without Mamba layers",)),
+    ("GraniteMoeHybridForCausalLM", {"layer_types": ["mamba", "attention"], "position_embedding_type": "rope"},
+     ("GraniteMoeHybrid", "RoPE")),
+    ("GraniteMoeHybridForCausalLM", {"layer_types": ["mamba", "attention"], "num_local_experts": 0,
+                                     "shared_intermediate_size": 64}, ("shared_intermediate_size",)),
 ])
 def test_configs_llama_cpp_cannot_run_are_refused(arch, change, words, ckpt, tmp_path, capsys):
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, **change, "architectures": [arch]}))
     out = tmp_path / "o.gguf"
     assert_failed_cleanly(*run_convert(capsys, ckpt, out), out, *words)
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe", "granitehybrid"])
+def test_export_hf_refuses_what_it_cannot_write_back(arch, tmp_path, capsys):
+    """Families export-hf does not write back (A = -exp(A_log) would need an exactly rounded inverse, and the
+    tiled value heads, split fused projections and multi-token-prediction block their own inverses): a
+    one-line error, and no folder."""
+    import gguf
+
+    path, out = tmp_path / "m.gguf", tmp_path / "hf"
+    w = gguf.GGUFWriter(path, arch)
+    w.add_token_list(["a", "b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    code = main(["export-hf", str(path), str(out)])
+    assert_failed_cleanly(code, capsys.readouterr().err.strip(), out, "export-hf of", "is not supported")
 
 
 def test_truncated_safetensors(ckpt, tmp_path, capsys):

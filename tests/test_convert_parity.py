@@ -88,6 +88,25 @@ def test_gpt_oss_mxfp4_experts_are_written_as_llama_cpp_writes_them(out_type, sm
     assert {t.tensor_type for t in experts} == {gguf.GGMLQuantizationType.MXFP4}
 
 
+@pytest.mark.parametrize("out_type", ["F16", "Q8_0"])  # BF16 takes F16's rules
+@pytest.mark.parametrize("family", ["qwen3_5moe", "granite_hybrid"])
+def test_hybrid_families_convert_like_llama_cpp_in_every_type(family, out_type, smollm2_hf, tmp_path):
+    """The hybrids' state-space tensors in F16 and Q8_0 files: which stay F32 (A, D, dt, the convolutions,
+    the norms), which take the type (DeltaNet's and Mamba-2's projections), as llama.cpp's converter writes them."""
+    tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
+    ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides)
+    assert_converts_like_llama_cpp(ckpt, out_type, tmp_path)
+
+
+def test_granite_hybrid_pads_its_vocabulary_like_llama_cpp(smollm2_hf, tmp_path):
+    """Granite's hybrids take Mamba-2's tokenizer reading: the vocabulary padded to a multiple of 8 (SmolLM2's
+    with one added token: 49153 -> 49160 tokens, the embedding keeping its 49153 rows)."""
+    tokenizer, overrides = tiny_models.with_added_tokens(smollm2_hf, tmp_path / "vocab", ("<|tool|>",))
+    ckpt = tiny_models.build("granite_hybrid", tmp_path / "hf", tokenizer, **overrides)
+    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
+    assert len(gguf.GGUFReader(tmp_path / "ours.gguf").fields["tokenizer.ggml.tokens"].contents()) == 49160
+
+
 def test_ernie_checkpoint_under_baidus_architecture_name(smollm2_hf, tmp_path):
     """Baidu's ERNIE 4.5 checkpoints name the architecture Ernie4_5_ForCausalLM (transformers:
     Ernie4_5ForCausalLM); llama.cpp's converter takes both."""
@@ -227,12 +246,13 @@ def test_phi4_bpe_tokenizer_converts_like_llama_cpp(smollm2_hf, tmp_path):
     assert gguf.GGUFReader(tmp_path / "ours.gguf").fields["tokenizer.ggml.model"].contents() == "gpt2"
 
 
-@pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "olmoe", "phi3", "gpt_oss", "deepseek_v3", "qwen3next"])
+@pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "olmoe", "phi3", "gpt_oss", "deepseek_v3", "qwen3next",
+                                    "qwen3_5", "qwen3_5moe", "granite_hybrid", "granite_hybrid_dense"])
 def test_expert_and_fused_tensors_get_llama_quantize_types(family, smollm2_hf, tmp_path):
     """The mixtures' per-tensor rules on the converted file's 3-D expert tensors (8 experts: the
-    rules' MoE bumps; GPT-OSS's with their biases, DeepSeek-V3's and Qwen3-Next's beside shared experts,
-    DeepSeek-V3's 3-D k_b/v_b, Qwen3-Next's DeltaNet tensors) and fused attn_qkv: the types
-    llama-quantize --dry-run picks."""
+    rules' MoE bumps; GPT-OSS's with their biases, DeepSeek-V3's, Qwen3-Next's, Qwen3.5-MoE's and Granite
+    hybrid's beside shared experts, DeepSeek-V3's 3-D k_b/v_b, the DeltaNet and Mamba-2 tensors) and fused
+    attn_qkv: the types llama-quantize --dry-run picks."""
     from ggufkit.convert.pipeline import convert
     from reference.quantize import ggufkit_types, reference_types
 
@@ -243,7 +263,14 @@ def test_expert_and_fused_tensors_get_llama_quantize_types(family, smollm2_hf, t
                gpt_oss=dict(num_local_experts=8, head_dim=32),
                deepseek_v3=dict(n_routed_experts=8, moe_intermediate_size=256, num_key_value_heads=8),
                qwen3next=dict(num_experts=8, moe_intermediate_size=256, shared_expert_intermediate_size=256,
-                              head_dim=32, linear_key_head_dim=32, linear_value_head_dim=32)).get(family, {})
+                              head_dim=32, linear_key_head_dim=32, linear_value_head_dim=32),
+               qwen3_5=dict(head_dim=32, linear_key_head_dim=32, linear_value_head_dim=32),
+               qwen3_5moe=dict(num_experts=8, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+                               head_dim=32, linear_key_head_dim=32, linear_value_head_dim=32),
+               granite_hybrid=dict(num_local_experts=8, shared_intermediate_size=256, mamba_n_heads=16,
+                                   mamba_d_head=32),
+               granite_hybrid_dense=dict(shared_intermediate_size=256, mamba_n_heads=16, mamba_d_head=32),
+               ).get(family, {})
     ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides, **{**size, **moe})
     f32 = convert(ckpt, tmp_path / "f32.gguf", out_type="F32")
     for mixture in ("Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "Q5_K_S"):

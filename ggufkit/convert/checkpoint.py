@@ -111,8 +111,11 @@ class Checkpoint:
 
     def squeeze(self, name: str) -> None:
         """Present a tensor without its axes of size 1 (a convolution's (channels, 1, kernel) weight)."""
+        self.reshape(name, tuple(n for n in self.tensors[name].shape if n != 1))
+
+    def reshape(self, name: str, shape: tuple[int, ...]) -> None:
+        """Present a tensor with another shape of the same size (Mamba-2's per-head vectors as columns)."""
         info = self.tensors[name]
-        shape = tuple(n for n in info.shape if n != 1)
         self.add_packed(name, shape, {"w": info}, lambda t: t["w"].reshape(shape), info.dtype)
 
     def stored_type(self, name: str):

@@ -68,6 +68,12 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.where(wavelen < old_ctx / high, f32(1), np.where(wavelen > old_ctx / low, f32(factor), mid)).astype(f32)
 
 
+def minus_exp(a_log: np.ndarray) -> np.ndarray:
+    """A state-space layer's A = -exp(A_log), as llama.cpp takes it: exp in float64, rounded once (llama.cpp's
+    converter's float32 exp, torch's, is one ulp off in about 1% of values)."""
+    return (-np.exp(a_log.astype(np.float64))).astype(np.float32)
+
+
 # config.json's scoring_func -> how llama.cpp weighs the chosen experts
 GATING_FUNCS = {"softmax": gguf.ExpertGatingFuncType.SOFTMAX, "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}
 
@@ -154,7 +160,8 @@ class Family:
         if "max_position_embeddings" in c:
             w.add_context_length(c["max_position_embeddings"])
         w.add_embedding_length(c["hidden_size"])
-        w.add_feed_forward_length(c["intermediate_size"])
+        if c.get("intermediate_size") is not None:  # mixture-of-experts configs can lack it (Qwen3.5-MoE)
+            w.add_feed_forward_length(c["intermediate_size"])
         w.add_head_count(c["num_attention_heads"])
         if (n_head_kv := self.head_count_kv) is not None:
             w.add_head_count_kv(n_head_kv)
@@ -295,7 +302,8 @@ class Family:
         return hf_name.endswith("rotary_emb.inv_freq")
 
     def gguf_name(self, hf_name: str) -> str | None:
-        return self.name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        # state-space layers' time-step bias (dt_bias) is what gguf's map knows as dt_proj.bias
+        return self.name_map.get_name(hf_name.replace(".dt_bias", ".dt_proj.bias"), try_suffixes=(".weight", ".bias"))
 
     def transform(self, hf_name: str, x: np.ndarray) -> np.ndarray:
         return x
@@ -319,9 +327,14 @@ class Family:
     def load_vocab(self, root: Path) -> Vocab:
         """The tokenizer as llama.cpp's converter reads it for this family: the first of `tokenizers`
         whose file the checkpoint has, with the family's own settings (`tokenizer_settings`)."""
-        vocab = load_vocab(root, self.config["vocab_size"], self.tokenizers, self.verbatim_added_tokens)
+        vocab = load_vocab(root, self.tokenizer_size, self.tokenizers, self.verbatim_added_tokens)
         self.tokenizer_settings(root, vocab)
         return vocab
+
+    @property
+    def tokenizer_size(self) -> int:
+        """The tokens written: the config's vocab_size (Granite's hybrid pads it)."""
+        return self.config["vocab_size"]
 
     def tokenizer_settings(self, root: Path, vocab: Vocab) -> None:
         """What the family's converter writes beyond the common reading (Llama: add_prefix_space from
@@ -366,13 +379,14 @@ class Family:
 
 
 class ImageTextModel:
-    """Image-text checkpoints (Gemma 3 4B/12B/27B, Mistral Small 3.1): the text model, as llama.cpp
+    """Image-text checkpoints (Gemma 3 4B/12B/27B, Mistral Small 3.1, Qwen3.5): the text model, as llama.cpp
     converts it (the vision tower and projector belong in a separate mmproj file). Its tensors sit
     under language_model.model. (the original releases) or model.language_model. (later transformers)."""
 
     PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
                 "language_model.lm_head.": "lm_head."}
-    OTHER_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+    OTHER_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+                   "model.visual.")
 
     def checkpoint_name(self, name: str) -> str | None:
         if name.startswith(self.OTHER_PARTS):

@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 
 from ggufkit.convert.checkpoint import Checkpoint
-from ggufkit.convert.families.base import Experts, Family, layer_index, register
+from ggufkit.convert.families.base import Experts, Family, layer_index, minus_exp, register
 from ggufkit.errors import GgufkitError
 
 # the multi-token-prediction module's own tensors -> their names in its block, as llama.cpp's converter maps them
@@ -61,8 +61,9 @@ class Qwen3Next(Family):
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
         super().write_hparams(w)
         c = self.config
-        w.add_expert_feed_forward_length(c["moe_intermediate_size"])
-        w.add_expert_shared_feed_forward_length(c["shared_expert_intermediate_size"])
+        if self.experts is not None:
+            w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+            w.add_expert_shared_feed_forward_length(c["shared_expert_intermediate_size"])
         if self.n_mtp:
             w.add_nextn_predict_layers(self.n_mtp)
         w.add_ssm_conv_kernel(c["linear_conv_kernel_dim"])
@@ -99,6 +100,8 @@ class Qwen3Next(Family):
 
     def _ffn_tensors(self, p: str) -> dict[str, tuple[int, ...]]:
         c = self.config
+        if self.experts is None:  # Qwen3.5's dense FFN
+            return super()._ffn_tensors(p)
         m = p + "mlp."
         return {**super()._ffn_tensors(p), m + "shared_expert_gate.weight": (1, c["hidden_size"]),
                 **self._mlp_tensors(m + "shared_expert.", c["shared_expert_intermediate_size"])}
@@ -114,13 +117,11 @@ class Qwen3Next(Family):
             return gguf.TENSOR_NAMES[NEXTN[tail.removesuffix(".weight")]].format(bid=i) + ".weight"
         if (half := tail.removeprefix("linear_attn.").removesuffix(".weight")) in SPLIT_QKVZ:
             return gguf.TENSOR_NAMES[SPLIT_QKVZ[half]].format(bid=i) + ".weight"
-        return super().gguf_name(hf_name.replace(".dt_bias", ".dt_proj.bias"))
+        return super().gguf_name(hf_name)
 
     def transform(self, hf_name: str, x: np.ndarray) -> np.ndarray:
         if hf_name.endswith(".A_log"):
-            # exp in float64, rounded once; torch's float32 exp, which llama.cpp's converter runs, is one
-            # ulp off in about 1% of values
-            return (-np.exp(x.astype(np.float64))).astype(np.float32)
+            return minus_exp(x)
         if hf_name.endswith("norm.weight") and not hf_name.endswith("linear_attn.norm.weight"):
             return x + np.float32(1.0)
         return x
@@ -154,4 +155,4 @@ class Qwen3Next(Family):
 
     @classmethod
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
-        raise GgufkitError("export-hf of Qwen3-Next is not supported")
+        raise GgufkitError(f"export-hf of {cls.architectures[0]} is not supported")
