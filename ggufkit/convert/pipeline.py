@@ -320,17 +320,15 @@ def _encoded(ckpt: Checkpoint, fam: Family, t: PlannedTensor, allow_nonfinite: b
     if t.hf_name is not None and ckpt.stored_type(t.hf_name) == t.qtype:  # the checkpoint's own bytes
         yield from (ckpt.get_stored(source) for source in t.sources)
     elif qat and t.qtype in GRIDS and t.hf_name is not None:
-        data, row = _grid_or_quantize(chunks, t, ckpt.tensors[t.hf_name].dtype, encoder)
-        report.append(row)
-        yield from data
+        yield from _grid_or_quantize(chunks, t, ckpt.tensors[t.hf_name].dtype, encoder, report)
     else:
         for expert, x in chunks():
             yield encoder(expert, x)
 
 
-def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, encoder: Encoder):
-    """Exact grid codes when every block of the tensor fits, else ggml-style quantization; both
-    with the tensor's max error against the checkpoint."""
+def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, encoder: Encoder, report: list):
+    """Exact grid codes when every block of the tensor fits, else ggml-style quantization, a chunk at
+    a time; then the tensor's report row (which, and the max error against the checkpoint)."""
     fitted = []
     for _, x in chunks():
         fit = fit_grid(x, t.qtype, source_dtype)
@@ -338,18 +336,16 @@ def _grid_or_quantize(chunks, t: PlannedTensor, source_dtype: str, encoder: Enco
             break
         fitted.append(fit)
     else:
-        err = max((f.max_error for f in fitted), default=0.0)
-        return [f.data for f in fitted], GridReport(t.gguf_name, t.qtype.name, True, err)
+        yield from (f.data for f in fitted)
+        report.append(GridReport(t.gguf_name, t.qtype.name, True, max((f.max_error for f in fitted), default=0.0)))
+        return
     fitted.clear()
-    errors = []
-
-    def quantized():
-        for expert, x in chunks():
-            q = encoder(expert, x)
-            errors.append(float(np.abs(dequantize(q.reshape(x.shape[0], -1), t.qtype) - x.reshape(x.shape[0], -1)).max()))
-            yield q
-    data = list(quantized())
-    return data, GridReport(t.gguf_name, t.qtype.name, False, max(errors, default=0.0))
+    error = 0.0
+    for expert, x in chunks():  # streamed: a checkpoint off the grid is the common case
+        q = encoder(expert, x)
+        error = max(error, float(np.abs(dequantize(q.reshape(x.shape[0], -1), t.qtype) - x.reshape(x.shape[0], -1)).max()))
+        yield q
+    report.append(GridReport(t.gguf_name, t.qtype.name, False, error))
 
 
 def _sample(ckpt: Checkpoint, fam: Family, hf_name: str) -> tuple[np.ndarray, str]:
