@@ -88,14 +88,14 @@ def test_gpt_oss_mxfp4_experts_are_written_as_llama_cpp_writes_them(out_type, sm
     assert {t.tensor_type for t in experts} == {gguf.GGMLQuantizationType.MXFP4}
 
 
-@pytest.mark.parametrize("out_type", ["F16", "Q8_0"])  # BF16 takes F16's rules
 @pytest.mark.parametrize("family", ["qwen3_5moe", "granite_hybrid"])
-def test_hybrid_families_convert_like_llama_cpp_in_every_type(family, out_type, smollm2_hf, tmp_path):
-    """The hybrids' state-space tensors in F16 and Q8_0 files: which stay F32 (A, D, dt, the convolutions,
-    the norms), which take the type (DeltaNet's and Mamba-2's projections), as llama.cpp's converter writes them."""
+def test_hybrid_families_convert_like_llama_cpp_in_q8_0(family, smollm2_hf, tmp_path):
+    """The hybrids' state-space tensors in a Q8_0 file: which stay F32 (A, D, dt, the convolutions, the
+    norms), which take the type (DeltaNet's and Mamba-2's projections), as llama.cpp's converter writes
+    them. (F16 and BF16 follow the same rules; each case costs 10-25 s, most of it llama.cpp's converter.)"""
     tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
     ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides)
-    assert_converts_like_llama_cpp(ckpt, out_type, tmp_path)
+    assert_converts_like_llama_cpp(ckpt, "Q8_0", tmp_path)
 
 
 def test_granite_hybrid_pads_its_vocabulary_like_llama_cpp(smollm2_hf, tmp_path):
@@ -163,14 +163,28 @@ EXP_OF_CHECKPOINT = (".ssm_a",)
 
 
 NEW_FAMILIES = ("phi3", "gemma2", "smollm3", "olmo2", "granite", "qwen3moe", "mixtral", "olmoe", "glm4", "exaone4",
-                "ernie4_5")
+                "ernie4_5", "lfm2", "gemma4", "gpt_oss", "deepseek_v3")
+
+
+def _logits(folder):
+    import json
+
+    import torch
+    import transformers
+
+    # the class the checkpoint names: image-text models have no AutoModelForCausalLM mapping
+    model_cls = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+    model = model_cls.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([[1, 504, 3458, 314, 253, 1837, 30, 2339]])).logits[0].numpy()
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_export_hf_inverts_convert(family, smollm2_hf, tmp_path):
     """GGUF -> export-hf -> convert gives back the same tensors and metadata (general.* aside): the
     families' transforms (Gemma's norm shift, Llama's q/k permutation, merged experts split back
-    into one tensor per expert) are inverted exactly."""
+    into one tensor per expert, LFM2's squeezed convolution) are inverted exactly; and transformers
+    runs the exported checkpoint as it runs the original (its config read as the original's)."""
     from ggufkit.convert.export_hf import export_hf
     from ggufkit.convert.pipeline import convert
 
@@ -185,6 +199,39 @@ def test_export_hf_inverts_convert(family, smollm2_hf, tmp_path):
     assert sorted(t_again) == sorted(t.name for t in first.tensors)
     for t in first.tensors:
         assert t_again[t.name].data.tobytes() == t.data.tobytes(), t.name
+    np.testing.assert_array_equal(_logits(tmp_path / "exported"), _logits(ckpt))
+
+
+def test_export_hf_of_mxfp4_gpt_oss_runs_as_its_values(smollm2_hf, tmp_path):
+    """GPT-OSS's released layout (MXFP4 experts, kept as MXFP4 in the GGUF): export-hf writes the experts'
+    values in floats, fused as transformers takes them, and transformers runs the export exactly as it
+    runs the checkpoint dequantized by its own MXFP4 reader."""
+    from ggufkit.convert.export_hf import export_hf
+    from ggufkit.convert.pipeline import convert
+
+    folder = tiny_models.with_mxfp4_experts(tiny_models.build("gpt_oss", tmp_path / "hf", smollm2_hf))
+    reference = tiny_models.mxfp4_dequantized(folder, tmp_path / "dequantized")
+    exported = export_hf(convert(folder, tmp_path / "m.gguf", out_type="F32"), tmp_path / "exported")
+    np.testing.assert_array_equal(_logits(exported), _logits(reference))
+
+
+def test_gemma4_vocabulary_survives_export_hf(tmp_path):
+    """Gemma 4's real vocabulary (llama.cpp's ggml-vocab-gemma-4.gguf: control tokens beyond the named ones,
+    the chat parser's tokens typed user-defined amid the others, a mask token, merges that scores cannot
+    rank), as export-hf writes it, is what Gemma 4's converter reads back."""
+    from ggufkit.convert.families.gemma4 import Gemma4
+
+    kv = tiny_models.llama_cpp_vocab("gemma-4", tmp_path)
+    fam = Gemma4({"num_hidden_layers": 1, "layer_types": ["full_attention"], "head_dim": 16, "num_key_value_heads": 1,
+                  "global_head_dim": 32})
+    vocab = fam.load_vocab(tmp_path)
+    assert vocab.tokens == kv["tokenizer.ggml.tokens"]
+    assert vocab.types == kv["tokenizer.ggml.token_type"]
+    assert list(vocab.special.merges) == kv["tokenizer.ggml.merges"]
+    assert vocab.special.special_token_ids == {role: kv[f"tokenizer.ggml.{key}_token_id"] for role, key in
+                                               (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"),
+                                                ("pad", "padding"), ("mask", "mask"))}
+    assert vocab.special.chat_template == kv["tokenizer.chat_template"]
 
 
 # Tokenizer settings real checkpoints carry, written into the tiny checkpoint's files: what llama.cpp's

@@ -23,7 +23,9 @@ T = gguf.TokenType
 
 
 def _f32_repr(v):
-    """GGUF floats are float32: write their shortest decimal form, not float64 noise."""
+    """GGUF floats are float32: write their shortest decimal form, not float64 noise (in nested settings too)."""
+    if isinstance(v, dict):
+        return {k: _f32_repr(x) for k, x in v.items()}
     return float(str(np.float32(v))) if isinstance(v, float) else v
 
 
@@ -108,7 +110,8 @@ def _score_merges(tokens: list[str], scores) -> list[list[str]]:
 
 def _sentencepiece_tokenizer_json(kv: dict) -> dict:
     """The Hugging Face form of a SentencePiece vocabulary: spaces as U+2581 (one before each text
-    fragment when add_space_prefix), BPE merges by score, unknown characters as <0xXX> byte tokens."""
+    fragment when add_space_prefix), BPE merges by score (the GGUF's own where it has them: Gemma 4's),
+    unknown characters as <0xXX> byte tokens."""
     tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
     space = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
     decode = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
@@ -119,10 +122,11 @@ def _sentencepiece_tokenizer_json(kv: dict) -> dict:
     else:
         normalizer = space
     unk = kv.get("tokenizer.ggml.unknown_token_id")
+    merges = kv.get("tokenizer.ggml.merges") or _score_merges(tokens, kv["tokenizer.ggml.scores"])
     return _tokenizer_json(
         kv, normalizer=normalizer, pre_tokenizer=None, post_processor=_added_specials(kv),
         decoder={"type": "Sequence", "decoders": decode},
-        model=_bpe_model({t: i for i, t in enumerate(tokens)}, _score_merges(tokens, kv["tokenizer.ggml.scores"]),
+        model=_bpe_model({t: i for i, t in enumerate(tokens)}, list(merges),
                          unk_token=tokens[unk] if unk is not None else None, fuse_unk=True,
                          byte_fallback=any(t == T.BYTE for t in types)))
 
@@ -157,7 +161,7 @@ def _sentencepiece_model(kv: dict) -> bytes:
 
 def _special_ids(kv: dict) -> dict:
     return {role: kv[f"tokenizer.ggml.{key}_token_id"] for role, key in
-            (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+            (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"), ("mask", "mask"))
             if f"tokenizer.ggml.{key}_token_id" in kv}
 
 
@@ -181,8 +185,12 @@ def write_tokenizer(folder: Path, kv: dict) -> None:
         cfg["add_prefix_space"] = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
         tokenizer_json = _sentencepiece_tokenizer_json(kv)
         (folder / "tokenizer.model").write_bytes(_sentencepiece_model(kv))
+    elif model == "gemma4":  # SentencePiece as BPE in tokenizer.json alone, its control tokens named as special
+        cfg["tokenizer_class"] = "GemmaTokenizer"
+        cfg["additional_special_tokens"] = [t for t, kind in zip(tokens, types) if kind == T.CONTROL]
+        tokenizer_json = _sentencepiece_tokenizer_json(kv)
     else:
-        raise GgufkitError(f"cannot export tokenizer model {model!r} (supported: gpt2, llama)")
+        raise GgufkitError(f"cannot export tokenizer model {model!r} (supported: gpt2, llama, gemma4)")
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
@@ -198,8 +206,17 @@ def export_hf(src, outdir, dtype: str = "float32", force: bool = False, max_shar
     arch = kv.get("general.architecture")
     fam_cls = family_for_gguf_arch(arch, kv)
     tensors = {t.name: t for t in header.tensors}
+
+    def values(name: str) -> np.ndarray | None:
+        """A GGUF tensor's values in float32, in numpy's order of its shape; None where the file has none."""
+        if (t := tensors.get(name)) is None:
+            return None
+        return gguf.quants.dequantize(tensor_data(header, t), t.type).astype(np.float32, copy=False) \
+            .reshape(tuple(int(n) for n in reversed(t.shape)))
+
     n_vocab = len(kv["tokenizer.ggml.tokens"])
-    config = fam_cls.config_from_gguf(kv, n_vocab, tied="output.weight" not in tensors)
+    config = fam_cls.config_from_tensors(fam_cls.config_from_gguf(kv, n_vocab, tied="output.weight" not in tensors),
+                                         values)
     config.update({f"{role}_token_id": i for role, i in _special_ids(kv).items() if role in ("bos", "eos", "pad")})
     config["torch_dtype"] = dtype
     config = {k: _f32_repr(v) for k, v in config.items()}
@@ -210,21 +227,29 @@ def export_hf(src, outdir, dtype: str = "float32", force: bool = False, max_shar
     missing = sorted({g for g, _ in to_gguf.values() if g not in tensors})
     if missing:
         raise GgufkitError(f"tensor {missing[0]} is missing ({len(missing)} missing in all)", src)
-    entries = [(hf, tuple(int(n) for n in reversed(tensors[g].shape))[0 if k is None else 1:])
-               for hf, (g, k) in to_gguf.items()]
+    shapes = {}  # checkpoint tensor -> its shape there: the GGUF tensor's (an expert's), as the family stores it
+    for hf, (g, k) in to_gguf.items():
+        shape = tuple(int(n) for n in reversed(tensors[g].shape))
+        shapes[hf] = fam.checkpoint_shape(hf, shape if k is None else shape[1:])
+    joined = fam.joined_tensors(shapes)  # the tensors the checkpoint stores: name -> (its parts, its shape)
+    entries = [(name, shape) for name, (_, shape) in joined.items()]
 
     pbar = bar(total=len(entries), desc="export-hf", unit="tensor")
-    last: dict[str, np.ndarray] = {}  # the merged experts' tensor being split, dequantized once
+    last: dict[str, np.ndarray] = {}  # the GGUF tensors the tensor being written needs, dequantized once
 
-    def produce(hf_name: str) -> np.ndarray:
+    def part(hf_name: str) -> np.ndarray:
         name, expert = to_gguf[hf_name]
         if name not in last:
-            t = tensors[name]
-            last.clear()
-            last[name] = gguf.quants.dequantize(tensor_data(header, t), t.type).astype(np.float32, copy=False) \
-                .reshape(tuple(int(n) for n in reversed(t.shape)))
+            last[name] = values(name)
         x = last[name] if expert is None else last[name][expert]
-        x = fam.untransform(hf_name if expert is not None else name, x)
+        return fam.untransform(hf_name if expert is not None else name, x).reshape(shapes[hf_name])
+
+    def produce(name: str) -> np.ndarray:
+        parts, _ = joined[name]
+        needed = {to_gguf[p][0] for p in parts}
+        for gguf_name in [g for g in last if g not in needed]:
+            del last[gguf_name]
+        x = fam.join(name, [part(p) for p in parts])
         pbar.update(1)
         return x if dtype == "float32" else gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16).view(np.uint16)
 

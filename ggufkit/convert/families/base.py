@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import gguf
 import numpy as np
@@ -68,10 +68,25 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.where(wavelen < old_ctx / high, f32(1), np.where(wavelen > old_ctx / low, f32(factor), mid)).astype(f32)
 
 
+def rope_parameters_from_gguf(kv: dict, arch: str) -> dict:
+    """config.json's rope_parameters from the GGUF's RoPE base and YaRN scaling (for export-hf)."""
+    rope = {"rope_type": "default", "rope_theta": kv.get(f"{arch}.rope.freq_base", 10000.0)}
+    if kv.get(f"{arch}.rope.scaling.type") == "yarn":
+        rope.update(rope_type="yarn", factor=kv[f"{arch}.rope.scaling.factor"],
+                    original_max_position_embeddings=kv[f"{arch}.rope.scaling.original_context_length"],
+                    beta_fast=kv.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0),
+                    beta_slow=kv.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0))
+    return rope
+
+
 def minus_exp(a_log: np.ndarray) -> np.ndarray:
     """A state-space layer's A = -exp(A_log), as llama.cpp takes it: exp in float64, rounded once (llama.cpp's
     converter's float32 exp, torch's, is one ulp off in about 1% of values)."""
     return (-np.exp(a_log.astype(np.float64))).astype(np.float32)
+
+
+# why export-hf refuses the families that write minus_exp
+MINUS_EXP_IS_LOSSY = "A = -exp(A_log) has no exact inverse in float32 (neighbouring A_log values round to one A)"
 
 
 # config.json's scoring_func -> how llama.cpp weighs the chosen experts
@@ -316,6 +331,31 @@ class Family:
         """The inverse of `transform`, for export-hf."""
         return x
 
+    def fused_tensors(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+        """The checkpoint's tensors that `prepare` splits (GPT-OSS's experts, DeepSeek-V3's kv_b_proj):
+        name -> (the `expected_tensors` they split into, its shape); `join` puts them together again."""
+        return {}
+
+    def joined_tensors(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+        """The tensors export-hf writes, from `expected_tensors`' (`shapes`: their shapes in the checkpoint):
+        name -> (its parts, its shape). Each its own, except the `fused_tensors`."""
+        out = {name: ((name,), shape) for name, shape in shapes.items()}
+        for name, (parts, shape) in self.fused_tensors().items():
+            for part in parts:
+                del out[part]
+            out[name] = (parts, shape)
+        return out
+
+    def join(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
+        """A checkpoint tensor from its parts (`joined_tensors`)."""
+        (x,) = parts
+        return x
+
+    def checkpoint_shape(self, hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the checkpoint stores a tensor in, given its GGUF shape: the inverse of a reshape in
+        `prepare` (a convolution's squeezed (channels, 1, kernel) weight), for export-hf."""
+        return shape
+
     def extra_tensors(self) -> Iterable[tuple[str, np.ndarray]]:
         if self.llama3_rope_freqs and self.rope.get("rope_type", "").lower() == "llama3":
             name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
@@ -375,6 +415,12 @@ class Family:
         if cls.experts is not None:
             cfg.update({cls.experts.count_key: kv[f"{a}.expert_count"],
                         "num_experts_per_tok": kv[f"{a}.expert_used_count"]})
+        return cfg
+
+    @classmethod
+    def config_from_tensors(cls, cfg: dict, values: Callable[[str], np.ndarray | None]) -> dict:
+        """`config_from_gguf`'s config with what only the GGUF's tensors tell (Gemma 4: which layers share
+        keys and values, how much of a head RoPE turns); `values(name)`: a tensor's values, None if absent."""
         return cfg
 
 

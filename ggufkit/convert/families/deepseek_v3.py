@@ -1,11 +1,11 @@
 """DeepSeek-V3: multi-head latent attention (queries through a low-rank q_a/q_b pair, keys and values
 from one compressed latent, kv_a_proj_with_mqa, expanded per head by kv_b_proj), which llama.cpp runs
 as multi-query attention over the latent: kv_b_proj is split into k_b (per head, latent x key
-columns, transposed) and v_b, as its converter splits it. Then a dense FFN in the first
-first_k_dense_replace layers and, in the others, sigmoid-scored experts chosen within groups (with a
-per-expert score bias, e_score_correction_bias) beside shared experts. Rotary dimensions interleaved
-as llama.cpp's (no q/k permutation); the multi-token-prediction layers past num_hidden_layers are
-left out, as llama.cpp's converter leaves them."""
+columns, transposed) and v_b, as its converter splits it (export-hf joins them back). Then a dense
+FFN in the first first_k_dense_replace layers and, in the others, sigmoid-scored experts chosen within
+groups (with a per-expert score bias, e_score_correction_bias) beside shared experts. Rotary
+dimensions interleaved as llama.cpp's (no q/k permutation); the multi-token-prediction layers past
+num_hidden_layers are left out, as llama.cpp's converter leaves them."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import gguf
 import numpy as np
 
 from ggufkit.convert.checkpoint import Checkpoint
-from ggufkit.convert.families.base import Experts, Family, layer_index, register
-from ggufkit.errors import GgufkitError
+from ggufkit.convert.families.base import (GATING_FUNCS, Experts, Family, layer_index, register,
+                                           rope_parameters_from_gguf)
 
 
 @register("DeepseekV3ForCausalLM")
@@ -110,7 +110,40 @@ class DeepseekV3(Family):
             ckpt.add_packed(a + "v_b_proj.weight", (h, c["v_head_dim"], latent), {"w": kv_b},
                             lambda t: np.ascontiguousarray(heads(t)[:, nope:]), kv_b.dtype)
 
+    def fused_tensors(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+        c = self.config
+        rows = c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["v_head_dim"])
+        return {f"model.layers.{i}.self_attn.kv_b_proj.weight":
+                ((f"model.layers.{i}.self_attn.k_b_proj.weight", f"model.layers.{i}.self_attn.v_b_proj.weight"),
+                 (rows, c["kv_lora_rank"])) for i in range(self.n_layer)}
+
+    def join(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
+        if name.endswith("kv_b_proj.weight"):  # the inverse of prepare's split
+            k_b, v_b = parts
+            return np.concatenate((k_b.transpose(0, 2, 1), v_b), axis=1).reshape(-1, k_b.shape[1])
+        return super().join(name, parts)
+
     @classmethod
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
-        raise GgufkitError("export-hf of DeepSeek-V3 is not supported: it would have to join k_b and v_b back "
-                           "into kv_b_proj, which export-hf does not do")
+        a = cls.arch_name()
+        cfg = super().config_from_gguf(kv, n_vocab, tied)
+        for key in ("rope_theta", "head_dim"):  # head_dim: MLA's, transformers' is the RoPE part's
+            cfg.pop(key, None)
+        rope = rope_parameters_from_gguf(kv, a)
+        if (log_mul := kv.get(f"{a}.rope.scaling.yarn_log_multiplier")) is not None:
+            # llama.cpp's convention, mscale equal to mscale_all_dim; divided in float32, as it was written
+            rope["mscale"] = rope["mscale_all_dim"] = float(np.float32(log_mul) / np.float32(0.1))
+        rot = kv[f"{a}.rope.dimension_count"]
+        scoring = {v: k for k, v in GATING_FUNCS.items()}[kv.get(f"{a}.expert_gating_func", GATING_FUNCS["softmax"])]
+        cfg.update(num_key_value_heads=cfg["num_attention_heads"], rope_parameters=rope, rope_interleave=True,
+                   q_lora_rank=kv.get(f"{a}.attention.q_lora_rank"), kv_lora_rank=kv[f"{a}.attention.kv_lora_rank"],
+                   qk_nope_head_dim=kv[f"{a}.attention.key_length_mla"] - rot, qk_rope_head_dim=rot,
+                   v_head_dim=kv[f"{a}.attention.value_length_mla"],
+                   first_k_dense_replace=kv[f"{a}.leading_dense_block_count"],
+                   moe_intermediate_size=kv[f"{a}.expert_feed_forward_length"],
+                   n_shared_experts=kv.get(f"{a}.expert_shared_count", 0),
+                   routed_scaling_factor=kv.get(f"{a}.expert_weights_scale", 1.0),
+                   norm_topk_prob=bool(kv.get(f"{a}.expert_weights_norm", False)),
+                   n_group=kv.get(f"{a}.expert_group_count", 1), topk_group=kv.get(f"{a}.expert_group_used_count", 1),
+                   scoring_func=scoring, topk_method="noaux_tc", num_nextn_predict_layers=0)
+        return cfg

@@ -10,6 +10,7 @@ as gguf's LlamaHfVocab reads it, under llama.cpp's gemma4 tokenizer model."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -124,4 +125,36 @@ class Gemma4(ImageTextModel, Family):
 
     @classmethod
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
-        raise GgufkitError("export-hf of Gemma 4 is not supported: it writes no gemma4 tokenizer")
+        a = cls.arch_name()
+        sliding = kv[f"{a}.attention.sliding_window_pattern"]
+        heads_kv = kv[f"{a}.attention.head_count_kv"]
+        heads_kv = heads_kv if isinstance(heads_kv, list) else [heads_kv] * len(sliding)
+        swa_heads_kv = next((n for n, s in zip(heads_kv, sliding) if s), heads_kv[0])
+        cfg = super().config_from_gguf({**kv, f"{a}.attention.head_count_kv": swa_heads_kv}, n_vocab, tied)
+        del cfg["rope_theta"]  # in rope_parameters, per kind of layer
+        # the full layers' sizes as transformers writes them (per_layer_config), which the converter reads back
+        full = {str(i): {"head_dim": kv[f"{a}.attention.key_length"], "num_key_value_heads": n}
+                for i, (n, s) in enumerate(zip(heads_kv, sliding)) if not s}
+        cfg.update(architectures=["Gemma4ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
+                   hidden_act="gelu_pytorch_tanh", head_dim=kv[f"{a}.attention.key_length_swa"], per_layer_config=full,
+                   layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+                   sliding_window=kv[f"{a}.attention.sliding_window"],
+                   final_logit_softcapping=kv.get(f"{a}.final_logit_softcapping"),
+                   hidden_size_per_layer_input=kv[f"{a}.embedding_length_per_layer_input"],
+                   num_kv_shared_layers=kv[f"{a}.attention.shared_kv_layers"],
+                   rope_parameters={"full_attention": {"rope_type": "proportional",
+                                                       "rope_theta": kv[f"{a}.rope.freq_base"]},
+                                    "sliding_attention": {"rope_type": "default",
+                                                          "rope_theta": kv[f"{a}.rope.freq_base_swa"]}})
+        return cfg
+
+    @classmethod
+    def config_from_tensors(cls, cfg: dict, values: Callable[[str], np.ndarray | None]) -> dict:
+        full = [int(i) for i in cfg["per_layer_config"]]
+        # keys serve as values where the full layers have no attn_v
+        cfg["attention_k_eq_v"] = bool(full) and all(values(f"blk.{i}.attn_v.weight") is None for i in full)
+        # the rotated part of a full layer's head: the dimensions rope_freqs divides by 1 (all, without it)
+        freqs = values(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight")
+        rotated = 1.0 if freqs is None else np.count_nonzero(freqs == 1) / len(freqs)
+        cfg["rope_parameters"]["full_attention"]["partial_rotary_factor"] = rotated
+        return cfg

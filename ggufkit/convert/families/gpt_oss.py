@@ -3,7 +3,8 @@ and a mixture-of-experts FFN with biases (router mlp.router). Its checkpoints fu
 experts: gate_up_proj (experts x d x 2ff, gate and up interleaved column by column) and down_proj
 (experts x ff x d), in floats, or, in the released ones, in MXFP4 (`<name>_blocks`/`<name>_scales`,
 rows = outputs), which llama.cpp's converter writes as MXFP4 byte for byte. Both are split here
-into one virtual tensor per expert and projection, read one expert at a time."""
+into one virtual tensor per expert and projection, read one expert at a time; export-hf fuses them
+back, in floats (`fused_tensors`, `join`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import gguf
 import numpy as np
 
 from ggufkit.convert.checkpoint import Checkpoint, expert_slice
-from ggufkit.convert.families.base import Experts, Family, register
+from ggufkit.convert.families.base import Experts, Family, register, rope_parameters_from_gguf
 from ggufkit.convert.packed import mxfp4_to_ggml
 from ggufkit.errors import GgufkitError
 from ggufkit.kquants import dequantize
@@ -38,6 +39,7 @@ class GptOss(Family):
     experts = Experts("mlp", "gate_proj", "up_proj", "down_proj", ff_key="intermediate_size",
                       count_key="num_local_experts", router="router")
     tokenizers = ("bpe",)
+    export_head_dim = True
 
     def __init__(self, config: dict):
         super().__init__(config)
@@ -112,7 +114,45 @@ class GptOss(Family):
             ckpt.add_packed(f"{x}{e}.down_proj.weight", (d, ff), {"w": expert_slice(down, e)},
                             lambda t: np.ascontiguousarray(t["w"].T), down.dtype)
 
+    def fused_tensors(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+        c = self.config
+        d, ff, n = c["hidden_size"], c["intermediate_size"], self.n_expert
+        out = {}
+        for i in range(self.n_layer):
+            x = f"model.layers.{i}.mlp.experts."
+            per_expert = lambda proj: tuple(f"{x}{e}.{proj}.weight" for e in range(n))  # noqa: E731
+            out.update({x + "gate_up_proj": (per_expert("gate_proj") + per_expert("up_proj"), (n, d, 2 * ff)),
+                        x + "down_proj": (per_expert("down_proj"), (n, ff, d)),
+                        x + "gate_up_proj_bias": ((x + "gate_proj.bias", x + "up_proj.bias"), (n, 2 * ff)),
+                        x + "down_proj_bias": ((x + "down_proj.bias",), (n, d))})
+        return out
+
+    def join(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
+        # the inverse of _split_floats and _split_biases: transformers keeps the weights as inputs x outputs
+        if name.endswith("gate_up_proj_bias"):
+            return _interleave(*parts)
+        if name.endswith("gate_up_proj"):
+            n = len(parts) // 2
+            return _interleave(np.stack(parts[:n]).swapaxes(1, 2), np.stack(parts[n:]).swapaxes(1, 2))
+        if name.endswith("experts.down_proj"):
+            return np.stack(parts).swapaxes(1, 2)
+        return super().join(name, parts)
+
     @classmethod
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
-        raise GgufkitError("export-hf of GPT-OSS is not supported: its checkpoints fuse the experts' "
-                           "gate and up projections, which export-hf does not write")
+        a = cls.arch_name()
+        cfg = super().config_from_gguf(kv, n_vocab, tied)
+        del cfg["rope_theta"]
+        rope = rope_parameters_from_gguf(kv, a)
+        if rope["rope_type"] == "yarn":
+            rope["truncate"] = True  # llama.cpp rounds YaRN's correction range
+        cfg.update(intermediate_size=kv[f"{a}.expert_feed_forward_length"], attention_bias=True, rope_parameters=rope,
+                   sliding_window=kv[f"{a}.attention.sliding_window"],
+                   layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                for i in range(cfg["num_hidden_layers"])])
+        return cfg
+
+
+def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gate_up_proj's last axis: gate's columns at the even places, up's at the odd ones (GATE_UP)."""
+    return np.stack((gate, up), axis=-1).reshape(*gate.shape[:-1], -1)

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 from ggufkit.convert.checkpoint import Checkpoint, expert_slice
-from ggufkit.convert.families.base import Experts, Family, layer_index, minus_exp, register
+from ggufkit.convert.families.base import MINUS_EXP_IS_LOSSY, Experts, Family, layer_index, minus_exp, register
 from ggufkit.convert.families.granite import Granite
 from ggufkit.convert.tokenizer import Vocab
 from ggufkit.errors import GgufkitError
@@ -132,7 +132,7 @@ class GraniteHybrid(Granite):
 
     @classmethod
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
-        raise GgufkitError(f"export-hf of {cls.architectures[0]} is not supported")
+        raise GgufkitError(f"export-hf of {cls.architectures[0]} is not supported: {MINUS_EXP_IS_LOSSY}")
 
 
 def split_gate_up(ckpt: Checkpoint, fused, pattern: str, names=("gate_proj", "up_proj")) -> None:

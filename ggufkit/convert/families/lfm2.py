@@ -73,6 +73,15 @@ class Lfm2(Family):
             if (name := f"model.layers.{i}.conv.conv.weight") in ckpt.tensors:
                 ckpt.squeeze(name)
 
+    def checkpoint_shape(self, hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0], 1, shape[1]) if hf_name.endswith("conv.conv.weight") else shape
+
     @classmethod
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
-        raise GgufkitError("export-hf of LFM2 is not supported")
+        a = cls.arch_name()
+        heads_kv = kv[f"{a}.attention.head_count_kv"]  # per layer: none in the convolution layers
+        cfg = super().config_from_gguf({**kv, f"{a}.attention.head_count_kv": max(heads_kv)}, n_vocab, tied)
+        # the GGUF's FFN width is the derived one: taken as it is
+        cfg.update(layer_types=["conv" if n == 0 else "full_attention" for n in heads_kv], norm_eps=cfg["rms_norm_eps"],
+                   conv_L_cache=kv[f"{a}.shortconv.l_cache"], conv_bias=False, block_auto_adjust_ff_dim=False)
+        return cfg

@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 
 from ggufkit.convert.checkpoint import Checkpoint
-from ggufkit.convert.families.base import Experts, Family, layer_index, minus_exp, register
+from ggufkit.convert.families.base import MINUS_EXP_IS_LOSSY, Experts, Family, layer_index, minus_exp, register
 from ggufkit.errors import GgufkitError
 
 # the multi-token-prediction module's own tensors -> their names in its block, as llama.cpp's converter maps them
@@ -155,4 +155,4 @@ class Qwen3Next(Family):
 
     @classmethod
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
-        raise GgufkitError(f"export-hf of {cls.architectures[0]} is not supported")
+        raise GgufkitError(f"export-hf of {cls.architectures[0]} is not supported: {MINUS_EXP_IS_LOSSY}")
