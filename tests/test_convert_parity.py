@@ -3,6 +3,8 @@ and on tiny checkpoints of every supported family: the same metadata and byte-id
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -185,11 +187,25 @@ def test_export_hf_inverts_convert(family, smollm2_hf, tmp_path):
     families' transforms (Gemma's norm shift, Llama's q/k permutation, merged experts split back
     into one tensor per expert, LFM2's squeezed convolution) are inverted exactly; and transformers
     runs the exported checkpoint as it runs the original (its config read as the original's)."""
+    tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
+    assert_export_hf_inverts_convert(tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides), tmp_path)
+
+
+def test_export_hf_keeps_phi3_longrope(smollm2_hf, tmp_path):
+    """Phi-3's LongRoPE factors, which the GGUF keeps as tensors, come back into the exported config."""
+    factors = dict(long_factor=[1.0 + 0.37 * i for i in range(8)], short_factor=[1.0 + 0.11 * i for i in range(8)])
+    tokenizer, overrides = tiny_models.tokenizer_for("phi3", smollm2_hf, tmp_path / "vocab")
+    ckpt = tiny_models.build("phi3", tmp_path / "hf", tokenizer, **overrides, original_max_position_embeddings=64,
+                             rope_scaling=dict(rope_type="longrope", **factors))
+    assert_export_hf_inverts_convert(ckpt, tmp_path)
+    rope = json.loads((tmp_path / "exported" / "config.json").read_text())["rope_parameters"]
+    np.testing.assert_array_equal(rope["short_factor"], np.float32(factors["short_factor"]))
+
+
+def assert_export_hf_inverts_convert(ckpt, tmp_path):
     from ggufkit.convert.export_hf import export_hf
     from ggufkit.convert.pipeline import convert
 
-    tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
-    ckpt = tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides)
     first = gguf.GGUFReader(convert(ckpt, tmp_path / "first.gguf", out_type="F32"))
     again = gguf.GGUFReader(convert(export_hf(tmp_path / "first.gguf", tmp_path / "exported"),
                                     tmp_path / "again.gguf", out_type="F32"))

@@ -262,3 +262,22 @@ def test_windows_callback_gives_the_matrix_of_the_first_n_windows(tmp_path, corp
         for name, entry in want.entries.items():
             np.testing.assert_array_equal(got.entries[name].sums, entry.sums)
             np.testing.assert_array_equal(got.entries[name].counts, entry.counts)
+
+
+@pytest.mark.tools
+@pytest.mark.torch
+@pytest.mark.ggml
+@pytest.mark.parametrize("family", ["lfm2", "granite_hybrid"])
+def test_hybrid_layers_match_llama_imatrix(family, smollm2_hf, corpus, tmp_path):
+    """Short-convolution (LFM2) and Mamba-2 (Granite 4.0 hybrid) layers beside attention: the weights
+    llama-imatrix collects (the state-space projections, experts included), with its sums and counts."""
+    from ggufkit.convert.pipeline import convert
+    from tests import tiny_models
+
+    tokenizer, overrides = tiny_models.tokenizer_for(family, smollm2_hf, tmp_path / "vocab")
+    model = convert(tiny_models.build(family, tmp_path / "hf", tokenizer, **overrides), tmp_path / "f32.gguf",
+                    out_type="F32")
+    ours, ref = (read_imatrix(p) for p in _both_imatrices(model, corpus / "prideprejudice.txt", tmp_path))
+    _assert_same_imatrix(ours, ref)
+    kinds = {name.split(".")[2] for name in ref.entries}
+    assert kinds & {"shortconv", "ssm_in", "ssm_out"}, kinds

@@ -78,6 +78,19 @@ class Phi3(Family):
                 yield gguf.TENSOR_NAMES[key] + ".weight", np.array(factors, dtype=np.float32)
 
     @classmethod
+    def config_from_tensors(cls, cfg: dict, values) -> dict:
+        """LongRoPE's factors, which the GGUF keeps as tensors (its attention factor follows from the
+        context lengths in transformers, as in llama.cpp's converter)."""
+        long = values(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight")
+        if long is None:
+            return cfg
+        short = values(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight")
+        cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": cfg["rope_theta"],
+                                  "long_factor": long.tolist(), "short_factor": short.tolist(),
+                                  "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
+        return cfg
+
+    @classmethod
     def config_from_gguf(cls, kv: dict, n_vocab: int, tied: bool) -> dict:
         a = cls.arch_name()
         cfg = super().config_from_gguf(kv, n_vocab, tied)
