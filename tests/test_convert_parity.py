@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
+from ggufkit.gguffile.reader import read_header, tensor_data
 from reference.llama_cpp import hf_to_gguf
 from tests import tiny_models
 
@@ -26,9 +27,18 @@ def checkpoint(request):
     return request.getfixturevalue(f"{request.param}_hf")
 
 
-def _kv(reader: gguf.GGUFReader) -> dict:
-    return {k: f.contents() for k, f in reader.fields.items()
-            if not k.startswith("GGUF.") and not k.startswith(IGNORED_KEYS)}
+class Gguf:
+    """A file's metadata (provenance keys left out) and tensors, through ggufkit's reader: gguf-py's
+    GGUFReader takes 8 s per file to parse a 151k-token vocabulary (tests/test_gguffile checks that
+    both readers read a real model alike)."""
+
+    def __init__(self, path):
+        self.header = read_header(path, arrays=True)
+        self.kv = {k: v for k, v in self.header.metadata.items() if not k.startswith(IGNORED_KEYS)}
+        self.tensors = {t.name: t for t in self.header.tensors}
+
+    def data(self, name: str) -> np.ndarray:
+        return tensor_data(self.header, self.tensors[name])
 
 
 @pytest.mark.parametrize("out_type", TYPES)
@@ -72,10 +82,9 @@ def test_exaone4_sliding_window_and_rope_scaling_convert_like_llama_cpp(sliding,
         cfg = json.loads((ckpt / "config.json").read_text())
         del cfg["layer_types"]
         (ckpt / "config.json").write_text(json.dumps(cfg))
-    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
-    kv = gguf.GGUFReader(tmp_path / "ours.gguf").fields
-    assert kv["exaone4.attention.sliding_window_pattern"].contents() == [True, True, True, False]
-    assert "rope_freqs.weight" in [t.name for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors]
+    ours = assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
+    assert ours.kv["exaone4.attention.sliding_window_pattern"] == [True, True, True, False]
+    assert "rope_freqs.weight" in ours.tensors
 
 
 @pytest.mark.parametrize("out_type", TYPES)
@@ -85,9 +94,9 @@ def test_gpt_oss_mxfp4_experts_are_written_as_llama_cpp_writes_them(out_type, sm
     MXFP4_MOE. ggufkit writes the same bytes, also for blocks whose exponent ggml's own quantizer
     would not pick (see with_mxfp4_experts), so the codes are copied, not requantized."""
     ckpt = tiny_models.with_mxfp4_experts(tiny_models.build("gpt_oss", tmp_path / "hf", smollm2_hf))
-    assert_converts_like_llama_cpp(ckpt, out_type, tmp_path)
-    experts = [t for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors if "_exps.weight" in t.name]
-    assert {t.tensor_type for t in experts} == {gguf.GGMLQuantizationType.MXFP4}
+    ours = assert_converts_like_llama_cpp(ckpt, out_type, tmp_path)
+    experts = [t for name, t in ours.tensors.items() if "_exps.weight" in name]
+    assert {t.type for t in experts} == {gguf.GGMLQuantizationType.MXFP4}
 
 
 @pytest.mark.parametrize("family", ["qwen3_5moe", "granite_hybrid"])
@@ -105,8 +114,7 @@ def test_granite_hybrid_pads_its_vocabulary_like_llama_cpp(smollm2_hf, tmp_path)
     with one added token: 49153 -> 49160 tokens, the embedding keeping its 49153 rows)."""
     tokenizer, overrides = tiny_models.with_added_tokens(smollm2_hf, tmp_path / "vocab", ("<|tool|>",))
     ckpt = tiny_models.build("granite_hybrid", tmp_path / "hf", tokenizer, **overrides)
-    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
-    assert len(gguf.GGUFReader(tmp_path / "ours.gguf").fields["tokenizer.ggml.tokens"].contents()) == 49160
+    assert len(assert_converts_like_llama_cpp(ckpt, "F32", tmp_path).kv["tokenizer.ggml.tokens"]) == 49160
 
 
 def test_ernie_checkpoint_under_baidus_architecture_name(smollm2_hf, tmp_path):
@@ -131,32 +139,28 @@ def test_tied_checkpoint_that_stores_its_head_anyway(smollm2_hf, tmp_path):
     assert "lm_head.weight" not in weights
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 0.5
     save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
-    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
-    names = [t.name for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors]
+    names = assert_converts_like_llama_cpp(ckpt, "F32", tmp_path).tensors
     assert "output.weight" in names and "token_embd.weight" in names
 
 
-def assert_converts_like_llama_cpp(checkpoint, out_type, tmp_path):
+def assert_converts_like_llama_cpp(checkpoint, out_type, tmp_path) -> Gguf:
     from ggufkit.convert.pipeline import convert
 
-    ours = gguf.GGUFReader(convert(checkpoint, tmp_path / "ours.gguf", out_type=out_type))
-    ref = gguf.GGUFReader(hf_to_gguf(checkpoint, tmp_path / "ref.gguf", out_type.lower()))
-    kv_ours, kv_ref = _kv(ours), _kv(ref)
-    assert sorted(kv_ours.keys() ^ kv_ref.keys()) == []
-    for key, value in kv_ref.items():
-        assert kv_ours[key] == value, key
-    t_ours = {t.name: t for t in ours.tensors}
-    assert [t.name for t in ref.tensors if t.name not in t_ours] == []
-    assert len(t_ours) == len(ref.tensors)
-    for t in ref.tensors:
-        mine = t_ours[t.name]
-        assert mine.tensor_type == t.tensor_type, t.name
-        assert list(mine.shape) == list(t.shape), t.name
-        if t.name.endswith(EXP_OF_CHECKPOINT):
-            ulps = np.abs(mine.data.view(np.int32).astype(np.int64) - t.data.view(np.int32))
-            assert ulps.max() <= 1, t.name
+    ours = Gguf(convert(checkpoint, tmp_path / "ours.gguf", out_type=out_type))
+    ref = Gguf(hf_to_gguf(checkpoint, tmp_path / "ref.gguf", out_type.lower()))
+    assert sorted(ours.kv.keys() ^ ref.kv.keys()) == []
+    for key, value in ref.kv.items():
+        assert ours.kv[key] == value, key
+    assert sorted(ours.tensors) == sorted(ref.tensors)
+    for name, t in ref.tensors.items():
+        mine = ours.tensors[name]
+        assert (mine.type, mine.shape) == (t.type, t.shape), name
+        if name.endswith(EXP_OF_CHECKPOINT):
+            ulps = np.abs(ours.data(name).view(np.int32).astype(np.int64) - ref.data(name).view(np.int32))
+            assert ulps.max() <= 1, name
         else:
-            assert mine.data.tobytes() == t.data.tobytes(), t.name
+            assert ours.data(name).tobytes() == ref.data(name).tobytes(), name
+    return ours
 
 
 # F32 tensors the converter computes with torch's float32 exp (Qwen3-Next's ssm_a = -exp(A_log)), which is
@@ -206,15 +210,14 @@ def assert_export_hf_inverts_convert(ckpt, tmp_path):
     from ggufkit.convert.export_hf import export_hf
     from ggufkit.convert.pipeline import convert
 
-    first = gguf.GGUFReader(convert(ckpt, tmp_path / "first.gguf", out_type="F32"))
-    again = gguf.GGUFReader(convert(export_hf(tmp_path / "first.gguf", tmp_path / "exported"),
-                                    tmp_path / "again.gguf", out_type="F32"))
-    model_kv = lambda r: {k: v for k, v in _kv(r).items() if not k.startswith("general.")}  # noqa: E731
+    first = Gguf(convert(ckpt, tmp_path / "first.gguf", out_type="F32"))
+    again = Gguf(convert(export_hf(tmp_path / "first.gguf", tmp_path / "exported"), tmp_path / "again.gguf",
+                         out_type="F32"))
+    model_kv = lambda g: {k: v for k, v in g.kv.items() if not k.startswith("general.")}  # noqa: E731
     assert model_kv(again) == model_kv(first)
-    t_again = {t.name: t for t in again.tensors}
-    assert sorted(t_again) == sorted(t.name for t in first.tensors)
-    for t in first.tensors:
-        assert t_again[t.name].data.tobytes() == t.data.tobytes(), t.name
+    assert sorted(again.tensors) == sorted(first.tensors)
+    for name in first.tensors:
+        assert again.data(name).tobytes() == first.data(name).tobytes(), name
     np.testing.assert_array_equal(_logits(tmp_path / "exported"), _logits(ckpt))
 
 
@@ -305,17 +308,19 @@ def test_phi4_bpe_tokenizer_converts_like_llama_cpp(smollm2_hf, tmp_path):
     ckpt = tiny_models.build("phi3", tmp_path / "hf", smollm2_hf)
     cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
     (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "GPT2Tokenizer"}))
-    assert_converts_like_llama_cpp(ckpt, "F32", tmp_path)
-    assert gguf.GGUFReader(tmp_path / "ours.gguf").fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert assert_converts_like_llama_cpp(ckpt, "F32", tmp_path).kv["tokenizer.ggml.model"] == "gpt2"
 
 
 @pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "olmoe", "phi3", "gpt_oss", "deepseek_v3", "qwen3next",
-                                    "qwen3_5", "qwen3_5moe", "granite_hybrid", "granite_hybrid_dense"])
-def test_expert_and_fused_tensors_get_llama_quantize_types(family, smollm2_hf, tmp_path):
-    """The mixtures' per-tensor rules on the converted file's 3-D expert tensors (8 experts: the
+                                    "qwen3_5", "qwen3_5moe", "granite_hybrid", "granite_hybrid_dense", "gemma2",
+                                    "smollm3", "olmo2", "granite", "glm4", "exaone4", "ernie4_5", "gemma4", "lfm2",
+                                    "mistral3"])
+def test_every_family_gets_llama_quantize_types(family, smollm2_hf, tmp_path):
+    """The mixtures' per-tensor rules on every family's converted file: 3-D expert tensors (8 experts: the
     rules' MoE bumps; GPT-OSS's with their biases, DeepSeek-V3's, Qwen3-Next's, Qwen3.5-MoE's and Granite
-    hybrid's beside shared experts, DeepSeek-V3's 3-D k_b/v_b, the DeltaNet and Mamba-2 tensors) and fused
-    attn_qkv: the types llama-quantize --dry-run picks."""
+    hybrid's beside shared experts, DeepSeek-V3's 3-D k_b/v_b, the DeltaNet and Mamba-2 tensors), fused
+    attn_qkv, and the dense families' own tensors (post-norms, convolutions): the types llama-quantize
+    --dry-run picks."""
     from ggufkit.convert.pipeline import convert
     from reference.quantize import ggufkit_types, reference_types
 

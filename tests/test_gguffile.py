@@ -11,6 +11,7 @@ import sys
 
 import gguf
 import numpy as np
+import pytest
 
 from ggufkit.gguffile.reader import read_header, tensor_data
 from ggufkit.gguffile.writer import TensorOut, write_gguf
@@ -43,6 +44,7 @@ def test_reader_reads_what_the_writer_writes(tmp_path):
 KILLED_WRITER = """
 import sys, time
 import numpy as np
+import pytest
 from gguf import GGMLQuantizationType as Q
 from ggufkit.gguffile.writer import TensorOut, write_gguf
 
@@ -78,3 +80,18 @@ def test_killed_write_leaves_a_temp_folder_the_next_write_removes(tmp_path, caps
     assert sorted(tmp_path.iterdir()) == sorted([out, *spared])
     err = capsys.readouterr().err.strip()
     assert err == f"ggufkit: removed {leftover}, left by an interrupted run"
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("model", ["smollm2_gguf", "gemma3_gguf"])
+def test_reader_reads_real_models_as_gguf_py_does(model, request):
+    """Metadata values (the vocabularies' arrays included) and tensors (name, type, shape, bytes) of a
+    released GGUF, as llama.cpp's own gguf-py reads them: the parity tests compare files through ours."""
+    path = request.getfixturevalue(model)
+    ref = gguf.GGUFReader(path)
+    ours = read_header(path, arrays=True)
+    assert ours.metadata == {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert [(t.name, t.type, list(t.shape)) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape)) for t in ref.tensors]
+    for mine, t in zip(ours.tensors, ref.tensors):
+        assert tensor_data(ours, mine).tobytes() == t.data.tobytes(), t.name
