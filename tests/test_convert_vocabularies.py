@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import pytest
 
 from reference.llama_cpp import hf_to_gguf, llama_cpp_source
 from tests import tiny_models
-from tests.test_convert_parity import _kv
+from tests.test_convert_parity import Gguf
 
 pytestmark = pytest.mark.tools
 # vocabulary -> the tiny family that carries it in the checkpoint test
@@ -73,7 +72,7 @@ def test_checkpoint_converts_like_llama_cpp_and_tokenizes_the_same(exported, tmp
         (ckpt / "added_tokens.json").write_text(json.dumps({"<extra_0>": n_vocab}), encoding="utf-8")
     ours = convert(ckpt, tmp_path / "ours.gguf", out_type="F32")
     ref = hf_to_gguf(ckpt, tmp_path / "ref.gguf", "f32")
-    kv_ours, kv_ref = _kv(gguf.GGUFReader(ours)), _kv(gguf.GGUFReader(ref))
+    kv_ours, kv_ref = Gguf(ours).kv, Gguf(ref).kv
     tokenizer_keys = {k for k in kv_ref if k.startswith("tokenizer.")}
     assert tokenizer_keys == {k for k in kv_ours if k.startswith("tokenizer.")}
     for key in sorted(tokenizer_keys):
