@@ -28,8 +28,8 @@ def _keep_errors(level: int, text: bytes, user_data) -> None:
 # Iterations libgomp's idle threads spin before they sleep, for processes that collect an imatrix
 # (libgomp's default: 300000). Collection splits each graph at every weight and runs numpy between
 # the pieces, while ggml's other thread spins on the second core. SmolLM2, 2 cores, imatrix with
-# Hessians on 4 windows: 125-151 tokens/s by default, 222-260 at 10000 or sleeping at once
-# (OMP_WAIT_POLICY=passive); generation: 157-168 tokens/s by default, 140-156 at 10000, but 49-51
+# Hessians on 4 windows: 125-151 tokens/s by default, 177-222 at 10000, 244-260 sleeping at once
+# (OMP_WAIT_POLICY=passive); generation: 138-168 tokens/s by default, 140-156 at 10000, but 49-51
 # sleeping at once (ggml's barriers inside a graph are OpenMP's).
 COLLECTION_SPINCOUNT = "10000"
 
