@@ -9,6 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
+from ggufkit.kquants.jit import all_finite
 from ggufkit.kquants.registry import BLOCK_TYPES
 
 # Elements per kernel call: enough to amortise the call, small enough that THREADS threads share
@@ -79,27 +80,34 @@ def quantize(weights, qtype, imatrix=None) -> np.ndarray:
             raise ValueError(f"imatrix must have shape ({cols},), got {imatrix.shape}")
         if not np.all(np.isfinite(imatrix)):
             raise ValueError("imatrix contains NaN or Inf")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("weights contain NaN or Inf")
     x = np.ascontiguousarray(x)
     out = np.empty((rows, cols // block_type.block_size * block_type.type_size), dtype=np.uint8)
     kernel = block_type.kernel_for(imatrix is not None)
     qw = _NO_IMATRIX if imatrix is None else imatrix
 
-    def quantize_span(span: tuple[int, int]) -> None:
+    def quantize_span(span: tuple[int, int]) -> bool:
+        """Quantize rows a..b; False (nothing written) where they hold a NaN or Inf. Checked here,
+        on each thread's rows just before they are quantized: a check of the whole tensor first took
+        a fifth of Q4_0's time."""
         a, b = span
-        if b > a:
-            kernel(x[a:b].reshape(-1), qw, cols, out[a:b].reshape(-1), block_type.nmax, block_type.type_size)
+        if b == a:
+            return True
+        rows_x = x[a:b].reshape(-1)
+        if not all_finite(rows_x):
+            return False
+        kernel(rows_x, qw, cols, out[a:b].reshape(-1), block_type.nmax, block_type.type_size)
+        return True
 
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     n_chunks = min(rows, max(THREADS, -(-rows // step)))
     bounds = [rows * i // n_chunks for i in range(n_chunks + 1)] if rows else [0, 0]
     spans = list(zip(bounds[:-1], bounds[1:]))
     if len(spans) == 1 or THREADS == 1:
-        for span in spans:
-            quantize_span(span)
+        finite = all(quantize_span(span) for span in spans)
     else:
-        list(_threads().map(quantize_span, spans))
+        finite = all(list(_threads().map(quantize_span, spans)))
+    if not finite:
+        raise ValueError("weights contain NaN or Inf")
     return out
 
 

@@ -36,8 +36,9 @@ def _cache_dir() -> Path:
 os.environ.setdefault("NUMBA_CACHE_DIR", str(_cache_dir()))
 
 import numpy as np  # noqa: E402
-from numba import carray, njit, types  # noqa: E402
-from numba.core import cgutils  # noqa: E402
+from numba import carray, njit, typeof, types  # noqa: E402
+from numba.core import cgutils, config  # noqa: E402
+from numba.core.compiler_lock import global_compiler_lock  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 F32 = np.float32
@@ -45,9 +46,38 @@ GROUP_MAX_EPS = np.float32(1e-15)
 _MAGIC = np.float32(12582912.0)
 
 
-def kernel(fn):
-    """A compiled, cached kernel that runs without the GIL."""
-    return njit(cache=True, nogil=True, error_model="numpy")(fn)
+def kernel(fn=None, *, slp: bool = False):
+    """A compiled, cached kernel that runs without the GIL. With `slp`, compiled with LLVM's SLP
+    vectorizer, which numba leaves off by default: it turns a block's fixed-width straight-line
+    loops (16 or 32 elements, tree reductions) into vector instructions. Measured per kernel: the
+    K-quant and legacy searches ran 1.5-3.5x faster with it, the lattice searches up to 20% slower."""
+    if fn is None:
+        return lambda f: kernel(f, slp=slp)
+    compiled = njit(cache=True, nogil=True, error_model="numpy")(fn)
+    return SlpKernel(compiled) if slp else compiled
+
+
+class SlpKernel:
+    """A kernel compiled with the SLP vectorizer on: the setting is numba's global, read when a
+    function is optimized, so it is set only while this kernel compiles (or loads from the disk
+    cache), under numba's compiler lock, which every other compilation waits for."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.__doc__, self.__name__ = dispatcher.py_func.__doc__, dispatcher.py_func.__name__
+        self._compiled: set = set()
+
+    def __call__(self, *args):
+        signature = tuple(typeof(a) for a in args)
+        if signature not in self._compiled:
+            with global_compiler_lock:
+                saved, config.SLP_VECTORIZE = config.SLP_VECTORIZE, 1
+                try:
+                    self.dispatcher.compile(signature)
+                finally:
+                    config.SLP_VECTORIZE = saved
+            self._compiled.add(signature)
+        return self.dispatcher(*args)
 
 
 def inline(fn):
@@ -87,6 +117,37 @@ def lane_mat(rows, dtype):
 def stack_vec(dtype):
     """A (512,) scratch array on the stack."""
     return carray(_stack(512, dtype), (512,))
+
+
+@inline
+def block_vec(dtype):
+    """A (32,) scratch array on the stack: one value per element of a 32-block."""
+    return carray(_stack(32, dtype), (32,))
+
+
+@inline
+def tree_max(k):
+    """max(k) of a (32,) array (destroyed) in a tree of halves: straight-line vector code with
+    `slp`, where a running max is a chain of 32 dependent compares."""
+    for j in range(16):
+        k[j] = max(k[j], k[j + 16])
+    for j in range(8):
+        k[j] = max(k[j], k[j + 8])
+    for j in range(4):
+        k[j] = max(k[j], k[j + 4])
+    for j in range(2):
+        k[j] = max(k[j], k[j + 2])
+    return max(k[0], k[1])
+
+
+@kernel
+def all_finite(x):
+    """No NaN or Inf in x (float32, 1-D): an exponent of all ones is either."""
+    bits = x.view(np.int32)
+    bad = np.int32(0)
+    for i in range(bits.shape[0]):
+        bad |= np.int32((bits[i] & np.int32(0x7F800000)) == np.int32(0x7F800000))
+    return bad == 0
 
 
 @inline

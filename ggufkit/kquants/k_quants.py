@@ -130,7 +130,7 @@ def scale_min_k4(out, pos, j):
             (out[pos + j + 4] >> 4) | ((out[pos + j] >> 6) << 4))
 
 
-@kernel
+@kernel(slp=True)
 def affine_k4(x, qw, cols, out, nmax, type_size):
     """Q4_K (nmax 15, 144 bytes) and Q5_K (nmax 31, 176 bytes), with or without an imatrix."""
     n_sub = x.shape[0] // 32
@@ -195,7 +195,7 @@ def affine_k4(x, qw, cols, out, nmax, type_size):
 
 # ---- Q6_K: 16 sub-blocks of 16, symmetric, int8 scales ---------------------------------------------
 
-@kernel
+@kernel(slp=True)
 def q6_k(x, qw, cols, out, nmax, type_size):
     n_sub = x.shape[0] // 16
     use_qw = qw.shape[0] > 0
@@ -240,7 +240,7 @@ def q6_k(x, qw, cols, out, nmax, type_size):
 
 # ---- Q3_K: 16 sub-blocks of 16, symmetric, 6-bit scales, high bit in hmask --------------------------
 
-@kernel
+@kernel(slp=True)
 def q3_k(x, qw, cols, out, nmax, type_size):
     """Runs 16 super-blocks at a time: their sub-block searches (16 sub-blocks in lanes), then, with
     an imatrix, the searches for the scale of their 16 scales (the super-blocks in lanes)."""
@@ -314,7 +314,7 @@ def q3_k(x, qw, cols, out, nmax, type_size):
 
 # ---- Q2_K: 16 sub-blocks of 16, affine, 4-bit scale and min per sub-block ---------------------------
 
-@kernel
+@kernel(slp=True)
 def q2_k(x, qw, cols, out, nmax, type_size):
     n_sub = x.shape[0] // 16
     use_qw = qw.shape[0] > 0

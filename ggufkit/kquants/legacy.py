@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufkit.kquants.jit import F32, abs_key, c_int8, inline, kernel, lane_mat, lane_vec, put_fp16
+from ggufkit.kquants.jit import (F32, abs_key, block_vec, c_int8, inline, kernel, lane_mat, lane_vec, put_fp16,
+                                 tree_max)
 from ggufkit.kquants.search import LANES, make_qkx_quants, make_qx_quants
 
 QK = 32
-FLT_MAX = np.float32(3.4028234663852886e38)
 
 
 @inline
@@ -63,7 +63,7 @@ def gather_weighted(x, qw, cols, sigma2, first, n_blocks, xt, wt):
                 wt[i, k] = 0
 
 
-@kernel
+@kernel(slp=True)
 def symmetric_search(x, qw, cols, out, nmax, type_size):
     """Q4_0 (nmax 8) / Q5_0 (nmax 16) with an imatrix: make_qx_quants per block."""
     n_blocks = x.shape[0] // QK
@@ -82,7 +82,7 @@ def symmetric_search(x, qw, cols, out, nmax, type_size):
             put_nibbles(out, pos + type_size - 16, L, k)
 
 
-@kernel
+@kernel(slp=True)
 def affine_search(x, qw, cols, out, nmax, type_size):
     """Q4_1 (nmax 15) / Q5_1 (nmax 31) with an imatrix: make_qkx3_quants per block."""
     n_blocks = x.shape[0] // QK
@@ -103,60 +103,103 @@ def affine_search(x, qw, cols, out, nmax, type_size):
             put_nibbles(out, pos + type_size - 16, L, k)
 
 
-@kernel
-def symmetric_ref(x, qw, cols, out, nmax, type_size):
+@inline
+def put_levels(out, pos, q, nmax, type_size):
+    """A ref kernel's 32 levels (q: (32,) uint8) into its block at out[pos:]: Q5's fifth bits before
+    the nibbles, which end the block."""
+    if nmax == 16 or nmax == 31:
+        for b in range(4):
+            byte = np.uint8(0)
+            for j in range(8):
+                byte |= ((q[8 * b + j] >> 4) & 1) << j
+            out[pos + type_size - 20 + b] = byte
+    nibbles = out[pos + type_size - 16:pos + type_size]  # a slice: indices known >= 0, no wraparound checks
+    for j in range(16):
+        nibbles[j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)
+
+
+@inline
+def pairwise_extremes(xb, low, high):
+    """min and max of a 32-block as ggml's element loop finds them (strict `<`, `>`: the first of
+    equal values stays, which decides between -0.0 and 0.0), in a tree of adjacent pairs whose
+    left member always holds the lower indices: straight-line vector code with `slp`."""
+    for i in range(16):
+        a, c = xb[2 * i], xb[2 * i + 1]
+        low[i] = a if a <= c else c
+        high[i] = a if a >= c else c
+    for width in (8, 4, 2, 1):
+        for i in range(width):
+            a, c = low[2 * i], low[2 * i + 1]
+            low[i] = a if a <= c else c
+            a, c = high[2 * i], high[2 * i + 1]
+            high[i] = a if a >= c else c
+    return low[0], high[0]
+
+
+# The ref formulas keep the first element to reach a block's extreme (ggml's strict `<` and `>`
+# in an element loop). Q4_0's keys carry 31 - j below |x|'s bits, so one max over them finds the
+# extreme and the first index reaching it, in any order of comparisons (tree_max); Q4_1's extremes
+# come from pairwise_extremes.
+# Levels: (int8_t)f in ggml. Where 1/d is finite, f lies in [0, 2*nmax] (|x| <= the extreme): a
+# plain conversion. A subnormal d makes 1/d infinite and every f inf or NaN, which x86 converts to
+# 0x80000000, level 0: so 1/d and the offset become 0 (a select per block; a branch around the
+# element loops made the kernel 3x slower).
+
+def symmetric_ref(nmax: int, type_size: int):
     """quantize_row_q4_0_ref / q5_0_ref: d = max / -nmax, levels MIN(2nmax-1, (int8_t)(x/d + nmax + 0.5))."""
-    n_blocks = x.shape[0] // QK
-    q = np.empty((QK, 1), np.int64)
-    half = F32(nmax) + F32(0.5)
-    for b in range(n_blocks):
-        base = b * QK
-        amax, mx = F32(0), F32(0)
-        for j in range(QK):
-            v = x[base + j]
-            if amax < abs(v):
-                amax = abs(v)
-                mx = v
-        d = mx / F32(-nmax)
-        inv = F32(1) / d if d != 0 else F32(0)
-        pos = b * type_size
-        put_fp16(out, pos, d)
-        for j in range(QK):
-            q[j, 0] = min(2 * nmax - 1, c_int8(x[base + j] * inv + half)) & 0xFF
-        if nmax == 16:
-            put_high_bits(out, pos + 2, q, 0)
-        put_nibbles(out, pos + type_size - 16, q, 0)
+
+    @kernel(slp=True)
+    def ref(x, qw, cols, out, _nmax, _type_size):
+        key, q = block_vec(np.int64), block_vec(np.uint8)
+        half = F32(nmax) + F32(0.5)
+        top_level = np.int32(2 * nmax - 1)
+        for b in range(x.shape[0] // QK):
+            xb = x[b * QK:(b + 1) * QK]
+            for j in range(QK):
+                key[j] = (np.int64(abs_key(xb[j])) << 5) | (31 - j)
+            top = tree_max(key)
+            mx = xb[31 - (top & 31)] if top >= 32 else F32(0)  # ggml's max starts at 0.0f: all zeros keep it
+            d = mx / F32(-nmax)
+            inv = F32(1) / d if d != 0 else F32(0)
+            put_fp16(out, b * type_size, d)
+            inv, offset = (inv, half) if abs(inv) < np.inf else (F32(0), F32(0))
+            for j in range(QK):
+                q[j] = min(top_level, np.int32(xb[j] * inv + offset))
+            put_levels(out, b * type_size, q, nmax, type_size)
+
+    return ref
 
 
-@kernel
-def affine_ref(x, qw, cols, out, nmax, type_size):
+def affine_ref(nmax: int, type_size: int):
     """quantize_row_q4_1_ref / q5_1_ref: d = (max - min)/nmax, levels (int8_t)((x - min)/d + 0.5)
     (Q4_1 takes MIN(15, .) of it, which Q5_1 does not)."""
-    n_blocks = x.shape[0] // QK
-    q = np.empty((QK, 1), np.int64)
-    for b in range(n_blocks):
-        base = b * QK
-        mn, mx = FLT_MAX, -FLT_MAX
-        for j in range(QK):
-            v = x[base + j]
-            if v < mn:
-                mn = v
-            if v > mx:
-                mx = v
-        d = (mx - mn) / F32(nmax)
-        inv = F32(1) / d if d != 0 else F32(0)
-        pos = b * type_size
-        put_fp16(out, pos, d)
-        put_fp16(out, pos + 2, mn)
-        for j in range(QK):
-            level = c_int8((x[base + j] - mn) * inv + F32(0.5))
-            q[j, 0] = (min(15, level) if nmax == 15 else level) & 0xFF
-        if nmax == 31:
-            put_high_bits(out, pos + 4, q, 0)
-        put_nibbles(out, pos + type_size - 16, q, 0)
+
+    @kernel(slp=True)
+    def ref(x, qw, cols, out, _nmax, _type_size):
+        low, high, q = block_vec(np.float32), block_vec(np.float32), block_vec(np.uint8)
+        cap = np.int32(15 if nmax == 15 else 255)
+        for b in range(x.shape[0] // QK):
+            xb = x[b * QK:(b + 1) * QK]
+            mn, mx = pairwise_extremes(xb, low, high)
+            d = (mx - mn) / F32(nmax)
+            inv = F32(1) / d if d != 0 else F32(0)
+            put_fp16(out, b * type_size, d)
+            put_fp16(out, b * type_size + 2, mn)
+            inv, offset = (inv, F32(0.5)) if abs(inv) < np.inf else (F32(0), F32(0))
+            for j in range(QK):
+                q[j] = min(cap, np.int32((xb[j] - mn) * inv + offset))
+            put_levels(out, b * type_size, q, nmax, type_size)
+
+    return ref
 
 
-@kernel
+# One kernel per type, its constants fixed when compiled: with nmax a run-time value, the compiler
+# kept one loop for both layouts and Q5_0 took 4x Q4_0's time.
+q4_0_ref, q5_0_ref = symmetric_ref(8, 18), symmetric_ref(16, 22)
+q4_1_ref, q5_1_ref = affine_ref(15, 20), affine_ref(31, 24)
+
+
+@kernel(slp=True)
 def q8_0(x, qw, cols, out, nmax, type_size):
     """quantize_row_q8_0_ref: d = amax/127, levels roundf(x/d) (half away from zero)."""
     for b in range(x.shape[0] // QK):

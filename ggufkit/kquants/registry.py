@@ -37,10 +37,10 @@ class BlockType:
 
 
 BLOCK_TYPES: dict[T, BlockType] = {b.qtype: b for b in [
-    BlockType(T.Q4_0, legacy.symmetric_search, 8, legacy.symmetric_ref),
-    BlockType(T.Q5_0, legacy.symmetric_search, 16, legacy.symmetric_ref),
-    BlockType(T.Q4_1, legacy.affine_search, 15, legacy.affine_ref),
-    BlockType(T.Q5_1, legacy.affine_search, 31, legacy.affine_ref),
+    BlockType(T.Q4_0, legacy.symmetric_search, 8, legacy.q4_0_ref),
+    BlockType(T.Q5_0, legacy.symmetric_search, 16, legacy.q5_0_ref),
+    BlockType(T.Q4_1, legacy.affine_search, 15, legacy.q4_1_ref),
+    BlockType(T.Q5_1, legacy.affine_search, 31, legacy.q5_1_ref),
     BlockType(T.Q8_0, legacy.q8_0),
     BlockType(T.Q2_K, k_quants.q2_k),
     BlockType(T.Q3_K, k_quants.q3_k),
