@@ -169,6 +169,8 @@ def test_qat_command_writes_a_file_llama_cpp_runs(tiny, tmp_path, capsys):
 
 
 def test_qat_bad_inputs(tiny, tmp_path, capsys):
+    import torch
+
     ckpt, text = tiny
     out = tmp_path / "q.gguf"
     args = ["qat", str(ckpt), "-o", str(out), "--type", "Q4_K_M", "--steps", "2"]
@@ -182,6 +184,17 @@ def test_qat_bad_inputs(tiny, tmp_path, capsys):
     assert "neither gptq nor ggml nor a GGUF file" in capsys.readouterr().err
     assert main([*args, "--text", str(text), "--init", "ggml", "--match-size"]) == 1
     assert "chooses the types of the gptq start" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("It is a truth universally acknowledged.", encoding="utf-8")
+    assert main([*args, "--text", str(short)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "short.txt" in err and "windows of 256" in err and len(err.splitlines()) == 1
+    short.unlink()
+    assert main([*args, "--text", str(text), "--device", "tpu0"]) == 1
+    assert "not cpu or cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the CPU build CI installs
+        assert main([*args, "--text", str(text), "--device", "cuda"]) == 1
+        assert "finds no CUDA device" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
     out.write_bytes(b"keep")
     assert main([*args, "--text", str(text)]) == 1

@@ -56,7 +56,7 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
     beside the output) for `resume`."""
     try:
         from ggufkit.qat.fakequant import quantizers
-        from ggufkit.qat.train import Settings, train
+        from ggufkit.qat.train import Settings, check_device, train, training_windows
     except ImportError as exc:
         raise GgufkitError(f"ggufkit qat needs torch and transformers ({exc.name} is missing): "
                            "pip install 'ggufkit[qat]'") from exc
@@ -73,7 +73,9 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
         if not t.is_file():
             raise GgufkitError("no such training text", t)
     refuse_overwrite(out, force)
+    check_device(settings.device)
     src = open_checkpoint(src).root
+    training_windows(src, texts, settings)  # a text too short fails now, not after the imatrix and the start file
     state_dir = Path(state_dir) if state_dir else out.with_name(out.name + ".qat-state")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".ggufkit-qat-", dir=out.parent) as tmp:

@@ -63,16 +63,32 @@ def load_model(src: Path, device: str):
     return model
 
 
-def token_windows(src: Path, texts, seq: int) -> torch.Tensor:
-    """The texts, tokenized by the checkpoint's tokenizer and concatenated, in windows of `seq`."""
+def training_windows(src: Path, texts, settings: Settings) -> torch.Tensor:
+    """The texts, tokenized by the checkpoint's tokenizer and concatenated, in windows of
+    `settings.seq`; an error when they do not fill the held-out windows and one to train on."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     ids = []
     for t in texts:
         ids += tokenizer(Path(t).read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
-    n = len(ids) // seq
-    return torch.tensor(ids[:n * seq], dtype=torch.long).reshape(n, seq)
+    n = len(ids) // settings.seq
+    if n < settings.heldout + 1:
+        raise GgufkitError(f"the training text has {len(ids)} tokens, {n} windows of {settings.seq}; it needs "
+                           f"more than the {settings.heldout} held out", Path(texts[0]))
+    return torch.tensor(ids[:n * settings.seq], dtype=torch.long).reshape(n, settings.seq)
+
+
+def check_device(device: str) -> None:
+    """A one-line error for a device this torch cannot train on."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise GgufkitError(f"--device {device!r}: not cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GgufkitError(f"--device {device}: torch {torch.__version__} finds no CUDA device here")
 
 
 class Weights:
@@ -145,10 +161,7 @@ def train(src: Path, quantizers: dict[str, TensorQuantizer], texts, settings: Se
     missing = [n for n in quantizers if n not in weights.original]
     if missing:
         raise GgufkitError(f"checkpoint tensor {missing[0]!r} is not a weight of the transformers model", src)
-    windows = token_windows(src, texts, settings.seq)
-    if windows.shape[0] < settings.heldout + 1:
-        raise GgufkitError(f"the training text has {windows.shape[0]} windows of {settings.seq} tokens; "
-                           f"it needs more than the {settings.heldout} held out", Path(texts[0]))
+    windows = training_windows(src, texts, settings)
     heldout, windows = windows[-settings.heldout:], windows[:-settings.heldout]
     latent = {n: torch.tensor(init[n] if init and n in init else w.cpu().numpy(), device=settings.device,
                               requires_grad=True)
