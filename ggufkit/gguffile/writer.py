@@ -9,6 +9,7 @@ import fcntl
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,29 @@ class TensorOut:
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
     chunks: Iterable[np.ndarray]
+
+
+class _Writer(gguf.GGUFWriter):
+    """gguf's writer, packing a metadata array in one call instead of one call per element (a
+    150k-entry vocabulary took 0.3 s of every write); the same bytes."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        if (vtype != gguf.GGUFValueType.ARRAY or self.endianess != gguf.GGUFEndian.LITTLE
+                or not isinstance(val, (list, tuple)) or not val):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        ltype = sub_type if sub_type is not None else gguf.GGUFValueType.get_type(val[0])
+        fmt = self._simple_value_packing.get(ltype)
+        uniform = sub_type is not None or all(gguf.GGUFValueType.get_type(v) is ltype for v in val)
+        if not uniform or (fmt is None and ltype != gguf.GGUFValueType.STRING):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)  # nested arrays, and gguf's errors
+        head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))
+        if ltype == gguf.GGUFValueType.STRING:
+            parts = []
+            for v in val:
+                encoded = v.encode("utf-8") if isinstance(v, str) else v
+                parts += (len(encoded).to_bytes(8, "little"), encoded)
+            return head + b"".join(parts)
+        return head + struct.pack(f"<{len(val)}{fmt}", *val)
 
 
 def refuse_overwrite(out: Path, force: bool) -> None:
@@ -74,7 +98,7 @@ def _write_head(path: Path, arch: str | None, tensors: list[TensorOut], metadata
                 split_max_size: int = 0) -> gguf.GGUFWriter:
     """A writer at `path` that has written the header, key/values and tensor infos, tensor data next."""
     # for an empty name gguf writes no general.architecture
-    w = gguf.GGUFWriter(path, arch or "", split_max_size=split_max_size)
+    w = _Writer(path, arch or "", split_max_size=split_max_size)
     for t in tensors:
         _declare(w, t)
     metadata(w)
@@ -121,7 +145,7 @@ def copy_metadata(w: gguf.GGUFWriter, header: GgufHeader, skip=()) -> None:
 def written_metadata(arch: str, metadata: Callable[[gguf.GGUFWriter], None]) -> dict:
     """The key/values `metadata` would write into a GGUF for `arch`, as plain values (the form the
     reader gives), without writing a file."""
-    w = gguf.GGUFWriter(None, arch)
+    w = _Writer(None, arch)
     metadata(w)
     return {key: v.value for key, v in w.kv_data[0].items()}
 
