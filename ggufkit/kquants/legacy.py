@@ -140,10 +140,11 @@ def pairwise_extremes(xb, low, high):
 # in an element loop). Q4_0's keys carry 31 - j below |x|'s bits, so one max over them finds the
 # extreme and the first index reaching it, in any order of comparisons (tree_max); Q4_1's extremes
 # come from pairwise_extremes.
-# Levels: (int8_t)f in ggml. Where 1/d is finite, f lies in [0, 2*nmax] (|x| <= the extreme): a
-# plain conversion. A subnormal d makes 1/d infinite and every f inf or NaN, which x86 converts to
-# 0x80000000, level 0: so 1/d and the offset become 0 (a select per block; a branch around the
-# element loops made the kernel 3x slower).
+# Levels: (int8_t)f in ggml. Where 1/d is finite, f lies between 0 and just above the top level
+# (every x lies between the extremes): a plain conversion. A subnormal d makes 1/d infinite and every
+# f inf or NaN, which x86 converts to 0x80000000, level 0: so 1/d and the offset become 0 (a select
+# per block; a branch around the element loops made the kernel 3x slower).
+
 
 def symmetric_ref(nmax: int, type_size: int):
     """quantize_row_q4_0_ref / q5_0_ref: d = max / -nmax, levels MIN(2nmax-1, (int8_t)(x/d + nmax + 0.5))."""
