@@ -44,7 +44,6 @@ def test_reader_reads_what_the_writer_writes(tmp_path):
 KILLED_WRITER = """
 import sys, time
 import numpy as np
-import pytest
 from gguf import GGMLQuantizationType as Q
 from ggufkit.gguffile.writer import TensorOut, write_gguf
 

@@ -82,11 +82,11 @@ class _Cursor:
     def string(self) -> str:
         return self.take(self.unpack("<Q")).decode("utf-8", errors="replace")
 
-    def strings(self, n: int) -> list[str]:
-        """n strings: a tight loop, as skip_strings (a per-string `string()` took 0.2 s for a
-        150k-entry vocabulary)."""
+    def strings(self, n: int, keep: bool = True) -> list[str] | None:
+        """The next n strings (or, without `keep`, just the position after them): a tight loop, as
+        a 150k-entry vocabulary is walked on every load (a `string()` call per entry took 0.2 s)."""
         buf, pos, end, u64 = self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from
-        out = []
+        out = [] if keep else None
         for _ in range(n):
             if pos + 8 > end:
                 raise _Truncated
@@ -94,20 +94,10 @@ class _Cursor:
             pos = start + u64(buf, pos)[0]
             if pos > end:
                 raise _Truncated
-            out.append(buf[start:pos].decode("utf-8", errors="replace"))
+            if keep:
+                out.append(buf[start:pos].decode("utf-8", errors="replace"))
         self.pos = pos
         return out
-
-    def skip_strings(self, n: int) -> None:
-        """Step over n strings: a tight loop, as a 150k-entry vocabulary is walked on every load."""
-        buf, pos, end, u64 = self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from
-        for _ in range(n):
-            if pos + 8 > end:
-                raise _Truncated
-            pos += 8 + u64(buf, pos)[0]
-        if pos > end:
-            raise _Truncated
-        self.pos = pos
 
 
 def _value(cur: _Cursor, vtype: GGUFValueType, arrays: bool):
@@ -121,7 +111,7 @@ def _value(cur: _Cursor, vtype: GGUFValueType, arrays: bool):
         if etype == GGUFValueType.STRING and arrays:
             return cur.strings(length), etype
         if etype == GGUFValueType.STRING:
-            cur.skip_strings(length)
+            cur.strings(length, keep=False)
             return ArrayInfo(etype, length), etype
         fmt = _SCALAR[etype]
         raw = cur.take(length * struct.calcsize(fmt))
