@@ -67,18 +67,16 @@ class SlpKernel:
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
         self.__doc__, self.__name__ = dispatcher.py_func.__doc__, dispatcher.py_func.__name__
-        self._compiled: set = set()
 
     def __call__(self, *args):
         signature = tuple(typeof(a) for a in args)
-        if signature not in self._compiled:
+        if signature not in self.dispatcher.overloads:
             with global_compiler_lock:
                 saved, config.SLP_VECTORIZE = config.SLP_VECTORIZE, 1
                 try:
                     self.dispatcher.compile(signature)
                 finally:
                     config.SLP_VECTORIZE = saved
-            self._compiled.add(signature)
         return self.dispatcher(*args)
 
 
