@@ -106,11 +106,11 @@ def _settings(**kw):
 
 def test_distillation_lowers_heldout_kl(tiny):
     """At Q2_K, a few steps of distillation lower the KL divergence on windows it never trained on."""
-    from ggufkit.qat.train import train
+    from ggufkit.qat.train import train, training_windows
 
     ckpt, text = tiny
     fq = _plan(ckpt, "Q2_K")[3]
-    result = train(ckpt, fq, [text], _settings())
+    result = train(ckpt, fq, training_windows(ckpt, [text], _settings()), _settings())
     start, best = result.heldout_kl[0][1], dict(result.heldout_kl)[result.best_step]
     assert [s for s, _ in result.heldout_kl] == [0, 4, 8, 12]
     assert result.best_step > 0 and best < 0.9 * start, result.heldout_kl
@@ -118,20 +118,21 @@ def test_distillation_lowers_heldout_kl(tiny):
 
 def test_interrupt_then_resume_is_the_same_run(tiny, tmp_path):
     """Ctrl-C at step 5 saves the state; resuming from it ends where an uninterrupted run ends."""
-    from ggufkit.qat.train import STATE_FILE, train
+    from ggufkit.qat.train import STATE_FILE, train, training_windows
 
     ckpt, text = tiny
     fq = _plan(ckpt, "Q4_K_M")[3]
-    whole = train(ckpt, fq, [text], _settings(steps=8))
+    windows = training_windows(ckpt, [text], _settings(steps=8))
+    whole = train(ckpt, fq, windows, _settings(steps=8))
 
     def stop(step, loss):
         if step == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(ckpt, fq, [text], _settings(steps=8), state_dir=tmp_path, on_step=stop)
+        train(ckpt, fq, windows, _settings(steps=8), state_dir=tmp_path, on_step=stop)
     assert (tmp_path / STATE_FILE).is_file()
-    resumed = train(ckpt, fq, [text], _settings(steps=8), resume=tmp_path)
+    resumed = train(ckpt, fq, windows, _settings(steps=8), resume=tmp_path)
     assert resumed.heldout_kl == whole.heldout_kl and resumed.best_step == whole.best_step
     for n, w in whole.weights.items():
         np.testing.assert_array_equal(resumed.weights[n], w, err_msg=n)

@@ -75,7 +75,7 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
     refuse_overwrite(out, force)
     check_device(settings.device)
     src = open_checkpoint(src).root
-    training_windows(src, texts, settings)  # a text too short fails now, not after the imatrix and the start file
+    windows = training_windows(src, texts, settings)  # a text too short fails now, before the imatrix
     state_dir = Path(state_dir) if state_dir else out.with_name(out.name + ".qat-state")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".ggufkit-qat-", dir=out.parent) as tmp:
@@ -100,7 +100,7 @@ def qat_command(src, out, out_type: str, texts, settings=None, init: str = "gptq
                 t.qtype = types.get(t.gguf_name, t.qtype)
         quantized = {t.gguf_name: tuple(reversed(t.shape)) for t in tensors if t.qtype not in FLOAT_TYPES}
         fq = quantizers(fam, tensors, weights_for(imatrix, quantized, src)[0], full, src)
-        result = train(src, fq, texts, settings, init=start, state_dir=state_dir, resume=resume)
+        result = train(src, fq, windows, settings, init=start, state_dir=state_dir, resume=resume)
         trained = _write_checkpoint(src, tmp / src.name, ckpt, result.weights)
         written = convert(trained, tmp / "out.gguf", out_type=out_type, imatrix=imatrix, method="ggml", qat=False,
                           types=types)

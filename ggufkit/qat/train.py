@@ -149,19 +149,19 @@ def _batch(windows: torch.Tensor, step: int, size: int, seed: int) -> torch.Tens
     return windows[[order[p // n][p % n] for p in picks]]
 
 
-def train(src: Path, quantizers: dict[str, TensorQuantizer], texts, settings: Settings,
+def train(src: Path, quantizers: dict[str, TensorQuantizer], windows: torch.Tensor, settings: Settings,
           init: dict[str, np.ndarray] | None = None, state_dir: Path | None = None,
           resume: Path | None = None, on_step: Callable[[int, float], None] | None = None) -> Result:
-    """Train the checkpoint at `src` onto its grids (`quantizers`, by checkpoint name) on `texts`,
-    starting from `init` (checkpoint names -> values; default: the checkpoint's own). Ctrl-C saves
-    the state in `state_dir` (to continue with `resume`) and raises KeyboardInterrupt."""
+    """Train the checkpoint at `src` onto its grids (`quantizers`, by checkpoint name) on the token
+    `windows` of training_windows (its last settings.heldout held out), starting from `init`
+    (checkpoint names -> values; default: the checkpoint's own). Ctrl-C saves the state in
+    `state_dir` (to continue with `resume`) and raises KeyboardInterrupt."""
     torch.manual_seed(settings.seed)
     model = load_model(src, settings.device)
     weights = Weights(model)
     missing = [n for n in quantizers if n not in weights.original]
     if missing:
         raise GgufkitError(f"checkpoint tensor {missing[0]!r} is not a weight of the transformers model", src)
-    windows = training_windows(src, texts, settings)
     heldout, windows = windows[-settings.heldout:], windows[:-settings.heldout]
     latent = {n: torch.tensor(init[n] if init and n in init else w.cpu().numpy(), device=settings.device,
                               requires_grad=True)
